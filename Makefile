@@ -1,0 +1,44 @@
+# Two commands for a newcomer: `make serve` and `make test`. Both install into .venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU build of PyTorch for development and tests; the service itself never needs torch.
+TORCH  := torch==2.13.0
+HOST   ?= 0.0.0.0
+PORT   ?= 8000
+
+.PHONY: serve test test-all lint install install-dev clean container-test bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Service dependencies only.
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Everything: service, training (CPU torch) and test tools.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[train,dev]" "$(TORCH)"
+	touch $@ $(VENV)/.installed-serve
+
+install: $(VENV)/.installed-serve
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed-serve
+	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check app model_training tests
+	$(BIN)/mypy app
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""`wbc-export`: checkpoint → ONNX (opset ≥ 18, dynamic batch/height/width) + `model.json` metadata.
+
+`model.json` is the contract with the service, which reads everything it needs from it:
+
+```
+{
+  "schema_version": 1,
+  "name": "wbc-attention-unet", "version": "1.0.0", "architecture": "attention_unet",
+  "parameters": 1943106, "file": "model.onnx", "sha256": "<hex of model.onnx>", "opset": 18,
+  "input": {"name": "image", "size": [160, 160], "channels": 3, "color": "RGB", "layout": "NCHW",
+            "dtype": "float32", "resize": "bilinear"},
+  "output": {"name": "logits", "kind": "logits", "layout": "NCHW"},
+  "normalization": {"scale": 0.00392156862745098, "mean": [...3], "std": [...3]},
+  "classes": ["background", "cytoplasm", "nucleus"],
+  "training": {...TrainConfig, best_epoch...}, "data": {...provenance...},
+  "evaluation": {...scores recorded at export, may be {}...},
+  "created": "2026-11-29T14:00:00Z"
+}
+```
+The service resizes the RGB image to `input.size` (height, width), divides by 255, subtracts `mean`
+and divides by `std` per channel, runs the model, resizes the logits back and takes the argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_training import CLASS_NAMES
+from model_training.models import build_model, count_parameters
+from model_training.transforms import MEAN, STD
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+SCHEMA_VERSION = 1
+PARITY_TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    out_dir: str = "weights"
+    name: str = "wbc-attention-unet"
+    version: str = "1.0.0"
+    evaluation: str | None = None   # path of an evaluate JSON report whose scores go into model.json
+    provenance: str | None = None   # JSON text or path describing the training data
+    check_images: tuple[str, ...] = ()
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a `wbc-train` checkpoint, in eval mode, with its saved state."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = state["config"]
+    model = build_model(cfg["model"], base_channels=cfg["base_channels"], depth=cfg["depth"])
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def export_onnx(model: nn.Module, path: Path | str, input_size: int = 160) -> None:
+    """Write `model` as ONNX with dynamic batch, height and width (input `image`, output `logits`)."""
+    model = model.eval()
+    example = torch.randn(2, 3, input_size, input_size)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=1, max=16384),
+            3: torch.export.Dim("width", min=1, max=16384)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+                                    opset_version=OPSET, dynamo=True, dynamic_shapes=(dims,), verbose=False)
+    assert program is not None
+    program.save(str(path))
+
+
+def check_parity(model: nn.Module, onnx_path: Path | str, inputs: Sequence[np.ndarray],
+                 tolerance: float = PARITY_TOLERANCE) -> float:
+    """Run `onnx.checker` and compare onnxruntime with PyTorch on each `(N, 3, H, W)` input.
+
+    Returns:
+        The largest absolute logit difference seen.
+
+    Raises:
+        ParityError: when it exceeds `tolerance`.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            expected = model(torch.from_numpy(x)).numpy()
+            got = session.run(None, {"image": x})[0]
+            if got.shape != expected.shape:
+                raise ParityError(f"onnxruntime shape {got.shape} != PyTorch {expected.shape}")
+            worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > tolerance:
+        raise ParityError(f"max |onnxruntime − PyTorch| = {worst:.3g} > {tolerance:g}")
+    return worst
+
+
+def parity_inputs(input_size: int, images: Sequence[str] = (), seed: int = 0) -> list[np.ndarray]:
+    """Random inputs at the model size and at odd sizes, plus real images prepared as the service does."""
+    from PIL import Image
+
+    from model_training.transforms import normalize, resize_image, to_tensor
+
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((1, 3, input_size, input_size), dtype=np.float32),
+              rng.standard_normal((2, 3, 117, 101), dtype=np.float32)]
+    for path in images:
+        with Image.open(path) as im:
+            x = normalize(resize_image(to_tensor(np.asarray(im.convert("RGB"))), input_size))
+        inputs.append(x[None].numpy().astype(np.float32))
+    return inputs
+
+
+def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, onnx_path: Path,
+                   max_diff: float) -> dict[str, Any]:
+    """The `model.json` document for an exported checkpoint (format in the module docstring)."""
+    train_cfg = state["config"]
+    size = int(train_cfg["input_size"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.name,
+        "version": cfg.version,
+        "architecture": train_cfg["model"],
+        "parameters": count_parameters(model),
+        "file": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "opset": OPSET,
+        "input": {"name": "image", "size": [size, size], "channels": 3, "color": "RGB",
+                  "layout": "NCHW", "dtype": "float32", "resize": "bilinear"},
+        "output": {"name": "logits", "kind": "logits", "layout": "NCHW"},
+        "normalization": {"scale": 1 / 255, "mean": list(MEAN), "std": list(STD)},
+        "classes": list(state.get("classes", CLASS_NAMES)),
+        "training": {**train_cfg, "best_epoch": int(state["epoch"]) + 1,
+                     "val_mean_dice": float(state["best"]), "val_names": state.get("val_names", [])},
+        "data": _read_json_arg(cfg.provenance),
+        "evaluation": _read_json_arg(cfg.evaluation),
+        "export": {"parity_max_abs_diff": max_diff, "torch": torch.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def _read_json_arg(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+    return json.loads(text)
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    """Export a checkpoint to `out_dir/model.onnx`, check parity, write `out_dir/model.json`."""
+    model, state = load_checkpoint(cfg.checkpoint)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    size = int(state["config"]["input_size"])
+    export_onnx(model, onnx_path, size)
+    max_diff = check_parity(model, onnx_path, parity_inputs(size, cfg.check_images))
+    meta = build_metadata(cfg, state, model, onnx_path, max_diff)
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("exported %s (%d parameters), parity %.2g", onnx_path, meta["parameters"], max_diff)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wbc-export", description="Export a checkpoint to ONNX + model.json.")
+    p.add_argument("checkpoint", help="best.pt written by wbc-train")
+    p.add_argument("--out-dir", default="weights")
+    p.add_argument("--name", default=ExportConfig.name)
+    p.add_argument("--version", default=ExportConfig.version)
+    p.add_argument("--evaluation", help="JSON report of wbc-evaluate whose scores to record")
+    p.add_argument("--provenance", help="JSON (text or file) describing the training data")
+    p.add_argument("--check-images", nargs="*", default=(), help="real images for the parity check")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    meta = export(ExportConfig(**{**vars(args), "check_images": tuple(args.check_images)}))
+    print(f"wrote {Path(args.out_dir) / meta['file']} sha256 {meta['sha256']} "
+          f"parity {meta['export']['parity_max_abs_diff']:.2g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

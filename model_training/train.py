@@ -1,0 +1,250 @@
+"""`wbc-train`: train a segmentation model on dataset folders (or synthetic data) and keep the best."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model_training import CLASS_NAMES
+from model_training.data import MaskMap, Sample, load_folders, split_samples
+from model_training.losses import DiceCELoss
+from model_training.models import build_model, count_parameters
+from model_training.predict import predict_labels
+from model_training.metrics import region_scores, summarize
+from model_training.synthetic import make_samples
+from model_training.transforms import Augment, normalize, to_tensor
+
+logger = logging.getLogger(__name__)
+
+LOG_FIELDS = ("epoch", "lr", "train_loss", "val_dice_nucleus", "val_dice_cytoplasm", "val_dice_cell",
+              "val_mean_dice", "best", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint and in model.json."""
+
+    data: list[str] = field(default_factory=list)
+    mask_map: str | None = None
+    synthetic: bool = False
+    model: str = "attention_unet"
+    base_channels: int = 16
+    depth: int = 4
+    input_size: int = 160
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_epochs: int = 2
+    min_lr_ratio: float = 0.01
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    seed: int = 0
+    amp: str = "auto"              # auto | off | bf16 | fp16
+    threads: int = 0               # 0 = torch default
+    out: str = "runs/default"
+    resume: str | None = None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"base_channels": self.base_channels, "depth": self.depth}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """The train and validation samples of a config (dataset folders or synthetic)."""
+    if cfg.synthetic:
+        samples = make_samples(48, size=96, seed=cfg.split_seed)
+    else:
+        if not cfg.data:
+            raise ValueError("no data: give --data FOLDER [FOLDER ...] or --synthetic")
+        samples = load_folders(cfg.data, MaskMap.parse(cfg.mask_map))
+    return split_samples(samples, cfg.val_fraction, cfg.split_seed)
+
+
+def make_batches(samples: Sequence[Sample], augment: Augment, batch_size: int,
+                 rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented batches `((N, 3, S, S), (N, S, S))`; the last may be short."""
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        pairs = [augment(to_tensor(samples[i].image), torch.from_numpy(samples[i].label).long())
+                 for i in order[start:start + batch_size]]
+        batches.append((normalize(torch.stack([p[0] for p in pairs])), torch.stack([p[1] for p in pairs])))
+    return batches
+
+
+def lr_factor(epoch: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the base rate."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    span = max(1, cfg.epochs - cfg.warmup_epochs)
+    progress = min(1.0, (epoch - cfg.warmup_epochs) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Mixed precision: fp16 on CUDA by default, bf16 on CPU only when asked."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    return torch.float16
+
+
+def train_epoch(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                dtype: torch.dtype | None, progress: tqdm) -> float:
+    """One pass over `batches`; returns the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss) * len(images)
+        count += len(images)
+        progress.update(1)
+        progress.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def validate(model: nn.Module, samples: Sequence[Sample], input_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Mean Dice per region over `samples`, scored at each image's original resolution."""
+    per_image = [region_scores(predict_labels(model, s.image, input_size, device), s.label) for s in samples]
+    summary = summarize(per_image)
+    dice = {region: summary[region]["dice"]["mean"] for region in ("nucleus", "cytoplasm", "cell")}
+    dice["mean"] = float(np.mean(list(dice.values())))
+    return dice
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                    best: float, cfg: TrainConfig, val_names: list[str], scores: dict[str, float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "best": best, "config": asdict(cfg), "val_names": val_names, "scores": scores,
+                "classes": list(CLASS_NAMES), "parameters": count_parameters(model)}, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a training; write `best.pt`, `last.pt`, `log.csv` and `config.json` under `cfg.out`.
+
+    Returns:
+        `{"best_epoch", "best_mean_dice", "best_scores", "epochs_run", "out"}`.
+    """
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, val_set = load_data(cfg)
+    model = build_model(cfg.model, **cfg.model_kwargs()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start, best, best_epoch, best_scores = 0, -1.0, -1, {}
+    if cfg.resume:
+        state = torch.load(cfg.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best = state["epoch"] + 1, state["best"]
+        best_epoch, best_scores = state["epoch"], state.get("scores", {})
+        if (out / "best.pt").exists():
+            best_state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+            best, best_epoch, best_scores = best_state["best"], best_state["epoch"], best_state["scores"]
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    logger.info("%s: %d parameters, %d train / %d val images, device %s", cfg.model,
+                count_parameters(model), len(train_set), len(val_set), device)
+    augment = Augment(cfg.input_size, generator=torch.Generator().manual_seed(cfg.seed))
+    batch_rng = random.Random(cfg.seed)
+    val_names = [f"{s.source}/{s.name}" for s in val_set]
+    log_path = out / "log.csv"
+    if start == 0 or not log_path.exists():
+        with log_path.open("w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+    loss_fn = DiceCELoss()
+    steps = math.ceil(len(train_set) / cfg.batch_size)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_factor(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = make_batches(train_set, augment, cfg.batch_size, batch_rng)
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
+            loss = train_epoch(model, batches, loss_fn, optimizer, scaler, device, dtype, bar)
+        scores = validate(model, val_set, cfg.input_size, device)
+        improved = scores["mean"] > best
+        if improved:
+            best, best_epoch, best_scores = scores["mean"], epoch, scores
+            save_checkpoint(out / "best.pt", model, optimizer, epoch, best, cfg, val_names, scores)
+        save_checkpoint(out / "last.pt", model, optimizer, epoch, best, cfg, val_names, scores)
+        row = [epoch + 1, f"{lr:.3g}", f"{loss:.5f}", *(f"{scores[k]:.5f}" for k in
+               ("nucleus", "cytoplasm", "cell", "mean")), int(improved), f"{time.perf_counter() - t0:.1f}"]
+        with log_path.open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+        tqdm.write(f"epoch {epoch + 1:3d}  loss {loss:.4f}  dice nucleus {scores['nucleus']:.4f} "
+                   f"cytoplasm {scores['cytoplasm']:.4f} cell {scores['cell']:.4f}"
+                   f"{'  *best' if improved else ''}")
+    return {"best_epoch": best_epoch + 1, "best_mean_dice": best, "best_scores": best_scores,
+            "epochs_run": cfg.epochs - start, "out": str(out)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="wbc-train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", nargs="+", default=[], help="dataset folders, each with images/ and masks/")
+    p.add_argument("--mask-map", default=None,
+                   help="mask values → classes: 'grey:0,128,255' (default) or 'color:R,G,B=2;R,G,B=1;R,G,B=0'")
+    p.add_argument("--synthetic", action="store_true", help="train on generated data (smoke test)")
+    p.add_argument("--model", default=defaults.model)
+    for name in ("base_channels", "depth", "input_size", "epochs", "batch_size", "warmup_epochs",
+                 "split_seed", "seed", "threads"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "weight_decay", "min_lr_ratio", "val_fraction"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=defaults.amp,
+                   help="mixed precision: auto = fp16 on CUDA, off on CPU")
+    p.add_argument("--out", default=defaults.out, help="run folder for checkpoints and log")
+    p.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    if cfg.synthetic and cfg.epochs == TrainConfig.epochs:
+        cfg.epochs = 2
+    result = train(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Augmentation for training and the preprocessing that export writes into the model metadata."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Per-channel normalisation applied after scaling to [0, 1]; export records it in model.json.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """`(H, W, 3)` uint8 → `(3, H, W)` float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Normalise `(N, 3, H, W)` or `(3, H, W)` in [0, 1] with `MEAN`/`STD`."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(shape)
+    return (x - mean) / std
+
+
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize `(3, H, W)` to `(3, size, size)`: bilinear, antialiased when shrinking (as Pillow does)."""
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)[0]
+
+
+def resize_label(y: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize `(H, W)` class indices to `(size, size)` by nearest neighbour."""
+    return F.interpolate(y[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strength of each augmentation; 0 switches one off."""
+
+    scale_min: float = 0.7          # smallest crop side, as a fraction of the image side
+    zoom_out: float = 0.15          # largest border added (fraction of the side), red cells included
+    flip: bool = True
+    rotate90: bool = True
+    brightness: float = 0.15
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.04               # fraction of a full turn
+    stain: float = 0.08             # per-channel gain
+    blur_p: float = 0.25
+    noise_std: float = 0.02
+
+
+class Augment:
+    """Random crop/scale, flips, 90° rotations, colour/stain jitter, blur and noise on one sample."""
+
+    def __init__(self, size: int, config: AugmentConfig | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.size = size
+        self.config = config or AugmentConfig()
+        self.rng = generator or torch.Generator().manual_seed(0)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.rng))
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment `(3, H, W)` in [0, 1] and `(H, W)` labels; return them at `(size, size)`."""
+        image, label = self._crop(image, label)
+        image, label = resize_image(image, self.size), resize_label(label, self.size)
+        image, label = self._geometry(image, label)
+        return self._colour(image).clamp_(0.0, 1.0), label
+
+    def _crop(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        _, h, w = image.shape
+        if c.zoom_out > 0 and self._uniform(0, 1) < 0.3:
+            pad = int(round(self._uniform(0, c.zoom_out) * max(h, w)))
+            if pad:
+                image = F.pad(image[None], (pad,) * 4, mode="reflect" if pad < min(h, w) else "replicate")[0]
+                label = F.pad(label[None, None].float(), (pad,) * 4, mode="constant")[0, 0].long()
+                return image, label
+        side = self._uniform(c.scale_min, 1.0)
+        ch, cw = max(1, int(h * side)), max(1, int(w * side * self._uniform(0.9, 1.1)))
+        cw = min(cw, w)
+        top = int(self._uniform(0, h - ch + 1))
+        left = int(self._uniform(0, w - cw + 1))
+        return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+
+    def _geometry(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.flip and self._uniform(0, 1) < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        if self.config.flip and self._uniform(0, 1) < 0.5:
+            image, label = image.flip(-2), label.flip(-2)
+        if self.config.rotate90:
+            k = int(self._uniform(0, 4))
+            image, label = image.rot90(k, (-2, -1)), label.rot90(k, (-2, -1))
+        return image.contiguous(), label.contiguous()
+
+    def _colour(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = x * (1 + self._uniform(-c.brightness, c.brightness))
+        mean = x.mean()
+        x = (x - mean) * (1 + self._uniform(-c.contrast, c.contrast)) + mean
+        grey = x.mean(dim=0, keepdim=True)
+        x = (x - grey) * (1 + self._uniform(-c.saturation, c.saturation)) + grey
+        if c.hue:
+            x = _rotate_hue(x, self._uniform(-c.hue, c.hue) * 2 * math.pi)
+        if c.stain:
+            gains = torch.tensor([self._uniform(-c.stain, c.stain) for _ in range(3)]).view(3, 1, 1)
+            x = x * (1 + gains)
+        if self._uniform(0, 1) < c.blur_p:
+            x = _gaussian_blur(x, self._uniform(0.3, 1.2))
+        if c.noise_std:
+            x = x + torch.randn(x.shape, generator=self.rng) * self._uniform(0, c.noise_std)
+        return x
+
+
+def _rotate_hue(x: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate hue by `angle` radians around the grey axis of RGB space."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    k = 1 / 3
+    s = math.sqrt(k)
+    m = torch.tensor([
+        [cos + (1 - cos) * k, k * (1 - cos) - s * sin, k * (1 - cos) + s * sin],
+        [k * (1 - cos) + s * sin, cos + k * (1 - cos), k * (1 - cos) - s * sin],
+        [k * (1 - cos) - s * sin, k * (1 - cos) + s * sin, cos + k * (1 - cos)],
+    ], dtype=x.dtype)
+    return torch.einsum("ij,jhw->ihw", m, x)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.pad(x[None], (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]
