@@ -158,3 +158,28 @@ def split_samples(samples: Sequence[Sample], val_fraction: float = 0.2,
         val.extend(group[:n_val])
         train.extend(group[n_val:])
     return train, val
+
+
+def parse_oversample(specs: Sequence[str]) -> dict[str, int]:
+    """Parse `SOURCE=K` items (e.g. `dataset2=2`) into `{source: K}`."""
+    factors = {}
+    for spec in specs:
+        source, sep, k = spec.partition("=")
+        if not sep or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"oversample {spec!r}: expected SOURCE=K with an integer K >= 1")
+        factors[source] = int(k)
+    return factors
+
+
+def oversample(samples: Sequence[Sample], factors: dict[str, int]) -> list[Sample]:
+    """Repeat each sample of a source `factors[source]` times (1 for a source not named).
+
+    Used on the training side only, so that a small, harder source weighs more in every epoch.
+
+    Raises:
+        ValueError: when a named source has no samples (a typo would otherwise pass silently).
+    """
+    missing = set(factors) - {s.source for s in samples}
+    if missing:
+        raise ValueError(f"oversample names unknown source(s): {', '.join(sorted(missing))}")
+    return [s for s in samples for _ in range(factors.get(s.source, 1))]

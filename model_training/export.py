@@ -161,10 +161,34 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
         "training": {**train_cfg, "best_epoch": int(state["epoch"]) + 1,
                      "val_mean_dice": float(state["best"]), "val_names": state.get("val_names", [])},
         "data": _read_json_arg(cfg.provenance),
-        "evaluation": _read_json_arg(cfg.evaluation),
+        "evaluation": evaluation_entry(_read_json_arg(cfg.evaluation), sha256_file(cfg.checkpoint)),
         "export": {"parity_max_abs_diff": max_diff, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
+
+
+def evaluation_entry(report: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
+    """The scores of one checkpoint from a `wbc-evaluate` report, without its per-image rows.
+
+    The report's model whose `sha256` is the checkpoint's is taken, or its only model; any other
+    JSON document is recorded as it is.
+
+    Raises:
+        ValueError: when a report of several models holds none with this checkpoint.
+    """
+    models = report.get("models")
+    if not isinstance(models, list):
+        return report
+    chosen = [m for m in models if m.get("sha256") == checkpoint_sha256]
+    if not chosen and len(models) == 1:
+        chosen = models
+    if not chosen:
+        raise ValueError(f"the evaluation report scores {len(models)} models and none is this checkpoint "
+                         f"(sha256 {checkpoint_sha256[:12]}…); evaluate it alone or with its own file")
+    model = chosen[0]
+    keys = ("label", "kind", "sha256", "split", "image_count", "image_counts", "overall", "per_source")
+    return {"created": report.get("created"), "average_score": report.get("average_score"),
+            **{k: model[k] for k in keys if k in model}}
 
 
 def _read_json_arg(value: str | None) -> dict[str, Any]:

@@ -48,7 +48,9 @@ def average_score(scores: Mapping[str, Mapping[str, float]]) -> float:
     return float(np.mean([scores[r][m] for r in REGIONS for m in METRICS]))
 
 
-def summarize(per_image: Iterable[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+def summarize(
+    per_image: Iterable[Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, dict[str, float]]]:
     """Mean and sample sd over images of each region's metrics, plus the average score.
 
     Returns:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,15 +21,21 @@ from torch import nn
 from tqdm import tqdm
 
 from model_training import CLASS_NAMES
-from model_training.data import MaskMap, Sample, load_folders, split_samples
+from model_training.data import MaskMap, Sample, load_folders, oversample, parse_oversample, split_samples
 from model_training.losses import DiceCELoss
+from model_training.metrics import region_scores, summarize
 from model_training.models import build_model, count_parameters
 from model_training.predict import predict_labels
-from model_training.metrics import region_scores, summarize
 from model_training.synthetic import make_samples
 from model_training.transforms import Augment, normalize, to_tensor
 
 logger = logging.getLogger(__name__)
+
+#: The generated data set of `--synthetic` (fixed, so that evaluate can rebuild the same split).
+SYNTHETIC_COUNT, SYNTHETIC_SIZE = 48, 96
+#: Defaults of a `--synthetic` smoke run, where the user did not choose: short, and a rate that learns
+#: something visible in two epochs (at 1e-4 the smoke run's loss barely moves).
+SYNTHETIC_EPOCHS, SYNTHETIC_LR = 2, 3e-3
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "val_dice_nucleus", "val_dice_cytoplasm", "val_dice_cell",
               "val_mean_dice", "best", "seconds")
@@ -52,6 +59,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     min_lr_ratio: float = 0.01
     val_fraction: float = 0.2
+    oversample: list[str] = field(default_factory=list)  # SOURCE=K: repeat a source K times per epoch
     split_seed: int = 0
     seed: int = 0
     amp: str = "auto"              # auto | off | bf16 | fp16
@@ -69,15 +77,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """The train and validation samples of a config (dataset folders or synthetic)."""
+def load_samples(cfg: TrainConfig) -> list[Sample]:
+    """Every sample of a config, before the split (dataset folders or synthetic)."""
     if cfg.synthetic:
-        samples = make_samples(48, size=96, seed=cfg.split_seed)
-    else:
-        if not cfg.data:
-            raise ValueError("no data: give --data FOLDER [FOLDER ...] or --synthetic")
-        samples = load_folders(cfg.data, MaskMap.parse(cfg.mask_map))
-    return split_samples(samples, cfg.val_fraction, cfg.split_seed)
+        return make_samples(SYNTHETIC_COUNT, size=SYNTHETIC_SIZE, seed=cfg.split_seed)
+    if not cfg.data:
+        raise ValueError("no data: give --data FOLDER [FOLDER ...] or --synthetic")
+    return load_folders(cfg.data, MaskMap.parse(cfg.mask_map))
+
+
+def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """The train and validation samples of a config (dataset folders or synthetic).
+
+    Raises:
+        ValueError: when either side of the split is empty.
+    """
+    train_set, val_set = split_samples(load_samples(cfg), cfg.val_fraction, cfg.split_seed)
+    if not train_set or not val_set:
+        raise ValueError(f"split of {len(train_set) + len(val_set)} images at val_fraction "
+                         f"{cfg.val_fraction} leaves {len(train_set)} train / {len(val_set)} val")
+    return train_set, val_set
 
 
 def make_batches(samples: Sequence[Sample], augment: Augment, batch_size: int,
@@ -125,7 +144,7 @@ def train_epoch(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += float(loss) * len(images)
+        total += float(loss.detach()) * len(images)
         count += len(images)
         progress.update(1)
         progress.set_postfix(loss=f"{total / count:.4f}")
@@ -151,6 +170,57 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tmp.replace(path)
 
 
+def resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
+                 device: torch.device) -> tuple[int, float, int, dict[str, float]]:
+    """Load `cfg.resume` into the model and optimizer; recover the best result so far.
+
+    The best is read from `best.pt` in `out`, or beside the resumed checkpoint (copied into `out`
+    so that a run resumed into a new folder still ends with a `best.pt`).
+
+    Returns:
+        `(first epoch to run, best mean Dice, its epoch, its scores)`, epochs counted from 0.
+    """
+    if not cfg.resume:
+        return 0, -1.0, -1, {}
+    state = torch.load(cfg.resume, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start, best, best_epoch = state["epoch"] + 1, state["best"], state["epoch"]
+    best_scores = state.get("scores", {})
+    best_path = out / "best.pt"
+    beside = Path(cfg.resume).with_name("best.pt")
+    if not best_path.exists() and beside.exists():
+        shutil.copy2(beside, best_path)
+    if best_path.exists():
+        best_state = torch.load(best_path, map_location="cpu", weights_only=False)
+        best, best_epoch, best_scores = best_state["best"], best_state["epoch"], best_state["scores"]
+    return start, best, best_epoch, best_scores
+
+
+def open_log(path: Path, start: int) -> None:
+    """Start `log.csv`, or keep the rows of the epochs before `start` when resuming (dropping any later
+    ones, written after the checkpoint that is resumed)."""
+    rows: list[list[str]] = []
+    if start > 0 and path.exists():
+        with path.open(newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([list(LOG_FIELDS), *rows])
+
+
+def log_epoch(path: Path, epoch: int, lr: float, loss: float, scores: dict[str, float], improved: bool,
+              seconds: float) -> None:
+    """Append one row (epoch counted from 1) to `log.csv` and print it above the progress bars."""
+    row = [epoch + 1, f"{lr:.3g}", f"{loss:.5f}",
+           *(f"{scores[k]:.5f}" for k in ("nucleus", "cytoplasm", "cell", "mean")), int(improved),
+           f"{seconds:.1f}"]
+    with path.open("a", newline="") as f:
+        csv.writer(f).writerow(row)
+    tqdm.write(f"epoch {epoch + 1:3d}  loss {loss:.4f}  dice nucleus {scores['nucleus']:.4f} "
+               f"cytoplasm {scores['cytoplasm']:.4f} cell {scores['cell']:.4f}"
+               f"{'  *best' if improved else ''}")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training; write `best.pt`, `last.pt`, `log.csv` and `config.json` under `cfg.out`.
 
@@ -164,30 +234,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = load_data(cfg)
+    train_set = oversample(train_set, parse_oversample(cfg.oversample))
     model = build_model(cfg.model, **cfg.model_kwargs()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start, best, best_epoch, best_scores = 0, -1.0, -1, {}
-    if cfg.resume:
-        state = torch.load(cfg.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best = state["epoch"] + 1, state["best"]
-        best_epoch, best_scores = state["epoch"], state.get("scores", {})
-        if (out / "best.pt").exists():
-            best_state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
-            best, best_epoch, best_scores = best_state["best"], best_state["epoch"], best_state["scores"]
+    start, best, best_epoch, best_scores = resume_state(cfg, model, optimizer, out, device)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train / %d val images, device %s", cfg.model,
                 count_parameters(model), len(train_set), len(val_set), device)
-    augment = Augment(cfg.input_size, generator=torch.Generator().manual_seed(cfg.seed))
-    batch_rng = random.Random(cfg.seed)
+    augment = Augment(cfg.input_size, generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
-    log_path = out / "log.csv"
-    if start == 0 or not log_path.exists():
-        with log_path.open("w", newline="") as f:
-            csv.writer(f).writerow(LOG_FIELDS)
+    open_log(out / "log.csv", start)
     loss_fn = DiceCELoss()
     steps = math.ceil(len(train_set) / cfg.batch_size)
     for epoch in range(start, cfg.epochs):
@@ -195,7 +253,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         lr = cfg.lr * lr_factor(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = make_batches(train_set, augment, cfg.batch_size, batch_rng)
+        # Seeded per epoch, so that a resumed run sees the batches an uninterrupted one would have.
+        augment.rng.manual_seed(cfg.seed * 100_003 + epoch)
+        batches = make_batches(train_set, augment, cfg.batch_size, random.Random(f"{cfg.seed}:{epoch}"))
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
             loss = train_epoch(model, batches, loss_fn, optimizer, scaler, device, dtype, bar)
         scores = validate(model, val_set, cfg.input_size, device)
@@ -204,15 +264,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             best, best_epoch, best_scores = scores["mean"], epoch, scores
             save_checkpoint(out / "best.pt", model, optimizer, epoch, best, cfg, val_names, scores)
         save_checkpoint(out / "last.pt", model, optimizer, epoch, best, cfg, val_names, scores)
-        row = [epoch + 1, f"{lr:.3g}", f"{loss:.5f}", *(f"{scores[k]:.5f}" for k in
-               ("nucleus", "cytoplasm", "cell", "mean")), int(improved), f"{time.perf_counter() - t0:.1f}"]
-        with log_path.open("a", newline="") as f:
-            csv.writer(f).writerow(row)
-        tqdm.write(f"epoch {epoch + 1:3d}  loss {loss:.4f}  dice nucleus {scores['nucleus']:.4f} "
-                   f"cytoplasm {scores['cytoplasm']:.4f} cell {scores['cell']:.4f}"
-                   f"{'  *best' if improved else ''}")
+        log_epoch(out / "log.csv", epoch, lr, loss, scores, improved, time.perf_counter() - t0)
     return {"best_epoch": best_epoch + 1, "best_mean_dice": best, "best_scores": best_scores,
-            "epochs_run": cfg.epochs - start, "out": str(out)}
+            "epochs_run": max(0, cfg.epochs - start), "out": str(out)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -220,28 +274,37 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="wbc-train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", nargs="+", default=[], help="dataset folders, each with images/ and masks/")
-    p.add_argument("--mask-map", default=None,
-                   help="mask values → classes: 'grey:0,128,255' (default) or 'color:R,G,B=2;R,G,B=1;R,G,B=0'")
-    p.add_argument("--synthetic", action="store_true", help="train on generated data (smoke test)")
+    p.add_argument("--mask-map", default=None, help="mask values → classes: 'grey:0,128,255' "
+                   "(default), 'color:R,G,B=2;R,G,B=1;R,G,B=0[~TOL]' or JSON")
+    p.add_argument("--synthetic", action="store_true",
+                   help=f"train on generated data (smoke test); unless given, --epochs {SYNTHETIC_EPOCHS} "
+                        f"and --lr {SYNTHETIC_LR:g}")
     p.add_argument("--model", default=defaults.model)
-    for name in ("base_channels", "depth", "input_size", "epochs", "batch_size", "warmup_epochs",
+    for name in ("base_channels", "depth", "input_size", "batch_size", "warmup_epochs",
                  "split_seed", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "min_lr_ratio", "val_fraction"):
+    for name in ("weight_decay", "min_lr_ratio", "val_fraction"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    # SUPPRESS: absent unless given, so that --synthetic can pick its own defaults.
+    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"{defaults.epochs}, or {SYNTHETIC_EPOCHS} with --synthetic")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help=f"peak learning rate: {defaults.lr:g}, or {SYNTHETIC_LR:g} with --synthetic")
+    p.add_argument("--oversample", nargs="*", default=[], metavar="SOURCE=K",
+                   help="repeat the training images of a source (a dataset folder's name) K times per epoch")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=defaults.amp,
                    help="mixed precision: auto = fp16 on CUDA, off on CPU")
     p.add_argument("--out", default=defaults.out, help="run folder for checkpoints and log")
     p.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
+    args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)
+    return TrainConfig(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_args(argv)
-    if cfg.synthetic and cfg.epochs == TrainConfig.epochs:
-        cfg.epochs = 2
-    result = train(cfg)
+    result = train(parse_args(argv))
     print(json.dumps(result, indent=2))
     return 0
 

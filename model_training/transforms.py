@@ -16,7 +16,8 @@ STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """`(H, W, 3)` uint8 → `(3, H, W)` float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # Arrays read through Pillow are read-only; torch warns on those, so copy them (only them).
+    return torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1).float().div_(255.0)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,9 @@ def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def resize_label(y: torch.Tensor, size: int) -> torch.Tensor:
     """Resize `(H, W)` class indices to `(size, size)` by nearest neighbour."""
-    return F.interpolate(y[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+    # "nearest-exact" samples at pixel centres as the bilinear image resize does; plain "nearest"
+    # shifts the label up to half a source pixel towards the top-left.
+    return F.interpolate(y[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0].long()
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,13 @@ class Augment:
         c = self.config
         _, h, w = image.shape
         if c.zoom_out > 0 and self._uniform(0, 1) < 0.3:
-            pad = int(round(self._uniform(0, c.zoom_out) * max(h, w)))
+            pad = round(self._uniform(0, c.zoom_out) * max(h, w))
             if pad:
-                image = F.pad(image[None], (pad,) * 4, mode="reflect" if pad < min(h, w) else "replicate")[0]
-                label = F.pad(label[None, None].float(), (pad,) * 4, mode="constant")[0, 0].long()
+                # The label is padded like the image: a leukocyte mirrored into the border is labelled
+                # as one, not as background.
+                mode = "reflect" if pad < min(h, w) else "replicate"
+                image = F.pad(image[None], (pad,) * 4, mode=mode)[0]
+                label = F.pad(label[None, None].float(), (pad,) * 4, mode=mode)[0, 0].long()
                 return image, label
         side = self._uniform(c.scale_min, 1.0)
         ch, cw = max(1, int(h * side)), max(1, int(w * side * self._uniform(0.9, 1.1)))
@@ -133,7 +139,7 @@ def _rotate_hue(x: torch.Tensor, angle: float) -> torch.Tensor:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(2 * sigma)))
+    radius = max(1, math.ceil(2 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()

@@ -1,0 +1,93 @@
+"""Metrics against hand-computed cases, and the training loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_training.losses import DiceCELoss, soft_dice_loss
+from model_training.metrics import METRICS, REGIONS, average_score, binary_scores, region_scores, summarize
+
+TARGET = np.array([[0, 1, 1, 2],
+                   [0, 1, 2, 2]])
+PRED = np.array([[0, 1, 2, 2],
+                 [1, 1, 2, 2]])
+#: Worked by hand from TARGET and PRED (8 pixels).
+#: nucleus: tp 3, fp 1, fn 0, tn 4; cytoplasm: tp 2, fp 1, fn 1, tn 4; cell: tp 6, fp 1, fn 0, tn 1.
+EXPECTED = {
+    "nucleus": {"dice": 6 / 7, "iou": 3 / 4, "precision": 3 / 4, "recall": 1.0, "accuracy": 7 / 8},
+    "cytoplasm": {"dice": 2 / 3, "iou": 1 / 2, "precision": 2 / 3, "recall": 2 / 3, "accuracy": 6 / 8},
+    "cell": {"dice": 12 / 13, "iou": 6 / 7, "precision": 6 / 7, "recall": 1.0, "accuracy": 7 / 8},
+}
+
+
+def test_region_scores_match_hand_computed_values() -> None:
+    scores = region_scores(PRED, TARGET)
+
+    for region in REGIONS:
+        for metric in METRICS:
+            assert scores[region][metric] == pytest.approx(EXPECTED[region][metric]), (region, metric)
+
+
+def test_average_score_is_the_mean_of_all_fifteen_numbers() -> None:
+    expected = np.mean([v for r in EXPECTED.values() for v in r.values()])
+
+    assert average_score(region_scores(PRED, TARGET)) == pytest.approx(expected)
+
+
+def test_class_absent_from_both_masks_scores_one_everywhere() -> None:
+    no_nucleus = np.array([[0, 1], [1, 0]])
+
+    scores = region_scores(no_nucleus, no_nucleus.copy())
+
+    assert scores["nucleus"] == {m: 1.0 for m in METRICS}
+
+
+@pytest.mark.parametrize(
+    ("pred", "target", "expected"),
+    [
+        (np.zeros((2, 2), bool), np.eye(2, dtype=bool),
+         {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0, "accuracy": 0.5}),
+        (np.eye(2, dtype=bool), np.zeros((2, 2), bool),
+         {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 1.0, "accuracy": 0.5}),
+    ],
+    ids=["missed-region", "false-region"],
+)
+def test_region_present_in_one_mask_only_scores_zero_overlap(pred: np.ndarray, target: np.ndarray,
+                                                             expected: dict[str, float]) -> None:
+    assert binary_scores(pred, target) == pytest.approx(expected)
+
+
+def test_binary_scores_reject_masks_of_different_shapes() -> None:
+    with pytest.raises(ValueError, match="shape mismatch"):
+        binary_scores(np.zeros((2, 2), bool), np.zeros((2, 3), bool))
+
+
+def test_summarize_gives_mean_and_sample_sd_over_images() -> None:
+    perfect = region_scores(TARGET, TARGET)
+    partial = region_scores(PRED, TARGET)
+
+    summary = summarize([perfect, partial])
+
+    dice = summary["cytoplasm"]["dice"]
+    assert dice["mean"] == pytest.approx((1 + 2 / 3) / 2)
+    assert dice["sd"] == pytest.approx(np.std([1, 2 / 3], ddof=1))
+    assert summary["average"]["score"]["mean"] == pytest.approx((1 + average_score(partial)) / 2)
+    assert summarize([perfect])["nucleus"]["iou"] == {"mean": 1.0, "sd": 0.0}
+
+
+def test_summarize_rejects_no_images() -> None:
+    with pytest.raises(ValueError, match="no images"):
+        summarize([])
+
+
+def test_loss_is_lower_for_the_right_answer() -> None:
+    target = torch.from_numpy(TARGET)[None]
+    right = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 10
+    wrong = right.roll(1, dims=1)
+    loss = DiceCELoss()
+
+    assert float(loss(right, target)) < 0.01
+    assert float(loss(wrong, target)) > 1.0
+    assert float(soft_dice_loss(right, target)) == pytest.approx(0.0, abs=1e-3)

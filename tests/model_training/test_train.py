@@ -1,0 +1,103 @@
+"""`train`: a short synthetic run learns, checkpoints and logs; a resumed run continues where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from model_training.train import LOG_FIELDS, TrainConfig, load_data, lr_factor, open_log, train
+
+if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
+    from conftest import TinyRun
+
+
+def _log(folder: Path) -> list[dict[str, str]]:
+    with (folder / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epoch_synthetic_run_lowers_the_loss(tiny_run: TinyRun) -> None:
+    rows = _log(tiny_run.out)
+
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_training_log_has_its_columns_and_the_scheduled_rates(tiny_run: TinyRun) -> None:
+    with (tiny_run.out / "log.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    rows = _log(tiny_run.out)
+    cfg = tiny_run.config
+
+    assert tuple(header) == LOG_FIELDS
+    expected_lr = [cfg.lr * lr_factor(epoch, cfg) for epoch in (0, 1)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected_lr, rel=1e-2)
+    assert sum(int(r["best"]) for r in rows) >= 1
+    assert all(0.0 <= float(r["val_mean_dice"]) <= 1.0 for r in rows)
+
+
+def test_training_writes_checkpoints_that_record_the_run(tiny_run: TinyRun) -> None:
+    best = torch.load(tiny_run.out / "best.pt", weights_only=False)
+    last = torch.load(tiny_run.out / "last.pt", weights_only=False)
+    _, val = load_data(tiny_run.config)
+
+    assert last["epoch"] == 1
+    assert best["epoch"] + 1 == tiny_run.result["best_epoch"]
+    assert best["best"] == pytest.approx(tiny_run.result["best_mean_dice"])
+    assert best["config"]["model"] == "unet" and best["config"]["base_channels"] == 4
+    assert best["val_names"] == [f"{s.source}/{s.name}" for s in val]
+    assert (tiny_run.out / "config.json").exists()
+
+
+def test_resume_continues_the_epoch_count_as_an_uninterrupted_run(
+        tiny_run: TinyRun, tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    train(tiny_config(tmp_path, epochs=1))
+
+    result = train(tiny_config(tmp_path, epochs=2, resume=str(tmp_path / "last.pt")))
+
+    rows, uninterrupted = _log(tmp_path), _log(tiny_run.out)
+    assert result["epochs_run"] == 1
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    # Same batches, same augmentation, same optimiser state: the same second epoch.
+    assert float(rows[1]["train_loss"]) == pytest.approx(float(uninterrupted[1]["train_loss"]), rel=1e-4)
+
+
+def test_resume_into_a_new_folder_keeps_the_best_checkpoint(
+        tiny_run: TinyRun, tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    result = train(tiny_config(tmp_path, epochs=2, resume=str(tiny_run.out / "last.pt")))
+
+    assert result["epochs_run"] == 0
+    assert result["best_epoch"] == tiny_run.result["best_epoch"]
+    assert (tmp_path / "best.pt").exists()
+
+
+def test_open_log_keeps_only_the_epochs_before_the_resumed_one(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([LOG_FIELDS, *([str(e)] + ["0"] * (len(LOG_FIELDS) - 1) for e in (1, 2, 3))])
+
+    open_log(path, start=2)
+
+    assert [r["epoch"] for r in _log(tmp_path)] == ["1", "2"]
+
+
+def test_lr_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, min_lr_ratio=0.01)
+
+    factors = [lr_factor(e, cfg) for e in range(10)]
+
+    assert factors[0] < factors[1] < factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
+    assert lr_factor(cfg.epochs, cfg) == pytest.approx(cfg.min_lr_ratio)
+
+
+def test_load_data_rejects_a_split_that_leaves_no_validation_image(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="0 val"):
+        load_data(TrainConfig(synthetic=True, val_fraction=0.0, out=str(tmp_path)))
