@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: serve test test-all lint install install-dev clean container-test bench
+.PHONY: serve test test-all lint install install-dev clean container-test bench lint-deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,21 +24,34 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[train,dev]" "$(TORCH)"
 	touch $@ $(VENV)/.installed-serve
 
+# Debian's chromium for the browser test (root or sudo); without it those tests skip and say why.
+$(VENV)/.installed-browser: scripts/install-browser.sh | $(VENV)/.installed-dev
+	bash scripts/install-browser.sh && touch $@ || echo "make: chromium not installed; the browser tests will skip"
+
 install: $(VENV)/.installed-serve
 install-dev: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(VENV)/.installed-browser
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-dev
+lint: $(VENV)/.installed-dev lint-deploy
 	$(BIN)/ruff check app model_training tests
 	$(BIN)/mypy app
+
+# The Dockerfile against hadolint, docker-compose.yml against the Compose specification.
+lint-deploy: $(VENV)/.installed-dev
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+# Builds both image flavours on a local Debian base with buildah and proves they serve (root; 5-7 min).
+container-test:
+	bash scripts/container-smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,270 @@
+"""`wbc-segment INPUT_DIR OUTPUT_DIR`: segment every image in a folder, write masks and measurements.
+
+Runs the shipped ONNX model in this process, or with `--url` sends the images to a running service in
+batches. Either way the output folder gets `masks/<relative path>_mask.png` (optionally
+`overlays/<relative path>_overlay.png`), `results.csv` and `results.json`, with one row per file, failed
+files included with their error. Exit status: 0 when every image was segmented, 1 when some failed,
+2 when the run could not start or had to stop (no images, no model, service unreachable, API key refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from app.cli_backends import Backend, FatalError, FileResult, LocalBackend, RemoteBackend
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+REGIONS = ("nucleus", "cytoplasm", "cell")
+# The columns of the service's batch `results.csv`, with `filename` the path under INPUT_DIR, plus `overlay`.
+CSV_COLUMNS = ("filename", "width", "height", *(f"area_{r}_px" for r in REGIONS),
+               *(f"area_{r}_um2" for r in REGIONS), *(f"fraction_{r}" for r in REGIONS),
+               "nc_ratio", "mask", "overlay", "error")
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass
+class FolderJob:
+    """What `segment_folder` does; `url=None` runs the model in this process."""
+
+    input_dir: Path
+    output_dir: Path
+    pattern: str | None = None
+    overlays: bool = False
+    pixel_size_um: float | None = None
+    url: str | None = None
+    api_key: str | None = None
+    batch_size: int = 8
+    model_path: Path | None = None
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    """The outcome of a run."""
+
+    total: int
+    failed: int
+    seconds: float
+    csv_path: Path
+    json_path: Path
+    fatal: str | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return self.total - self.failed
+
+
+def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | None = None) -> list[Path]:
+    """Files under `input_dir`, recursively, sorted: those matching `pattern`, or with an image suffix.
+
+    Args:
+        exclude: a folder whose files are skipped (the output folder, when it lies inside the input).
+    """
+    candidates = input_dir.rglob(pattern) if pattern else (
+        p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    skip = exclude.resolve() if exclude else None
+    files = [p for p in candidates if p.is_file() and not (skip and p.resolve().is_relative_to(skip))]
+    return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
+
+
+def output_names(relative: list[Path]) -> dict[Path, Path]:
+    """`a/b.png` → `a/b`: where its outputs go, the suffix dropped unless two files would then collide."""
+    stems = Counter(p.with_suffix("") for p in relative)
+    return {p: p.with_suffix("") if stems[p.with_suffix("")] == 1 else p.with_name(p.name.replace(".", "_"))
+            for p in relative}
+
+
+def csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat CSV row of a `results.json` record."""
+    name = record["file"]
+    row: dict[str, Any] = {"filename": "'" + name if name.startswith(_CSV_FORMULA_START) else name,
+                           "mask": record.get("mask") or "", "overlay": record.get("overlay") or "",
+                           "error": error_text(record.get("error"))}
+    if record.get("error"):
+        return row
+    row.update(width=record["width"], height=record["height"], nc_ratio=_num(record["nc_ratio"]))
+    for region in REGIONS:
+        row[f"area_{region}_px"] = record["areas_px"][region]
+        row[f"area_{region}_um2"] = _num(record["areas_um2"][region]) if record["areas_um2"] else ""
+        row[f"fraction_{region}"] = _num(record["fractions"][region])
+    return row
+
+
+def error_text(error: dict[str, Any] | None) -> str:
+    """`415 The file is not a PNG, ...`: the status and detail of a failure, as in the service's CSV."""
+    if not error:
+        return ""
+    prefix = error["status"] if error.get("status") else f"{error['title']}:"
+    return f"{prefix} {error['detail']}"
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _record(job: FolderJob, relative: Path, stem: Path, result: FileResult) -> dict[str, Any]:
+    """Write the result's images; return its `results.json` record."""
+    record: dict[str, Any] = {"file": relative.as_posix(), **result.record}
+    if result.mask_png is not None:
+        mask = Path("masks") / stem.parent / f"{stem.name}_mask.png"
+        _write(job.output_dir / mask, result.mask_png)
+        record["mask"] = mask.as_posix()
+    if result.overlay_png is not None:
+        overlay = Path("overlays") / stem.parent / f"{stem.name}_overlay.png"
+        _write(job.output_dir / overlay, result.overlay_png)
+        record["overlay"] = overlay.as_posix()
+    record.setdefault("error", None)
+    return record
+
+
+def _make_backend(job: FolderJob) -> Backend:
+    if job.url:
+        return RemoteBackend(job.url, job.api_key, job.batch_size, job.overlays)
+    return LocalBackend(job.model_path, job.device, job.batch_size, job.overlays)
+
+
+def segment_folder(job: FolderJob) -> Summary:
+    """Segment every image under `job.input_dir`; write masks, overlays, `results.csv` and `results.json`.
+
+    Raises:
+        FatalError: nothing could be done (no images, no model, the service is unreachable).
+    """
+    started = time.perf_counter()
+    exclude = job.output_dir if job.output_dir.resolve().is_relative_to(job.input_dir.resolve()) else None
+    paths = find_images(job.input_dir, job.pattern, exclude)
+    if not paths:
+        what = f"matching {job.pattern!r}" if job.pattern else f"with a suffix {', '.join(IMAGE_SUFFIXES)}"
+        raise FatalError(f"no files {what} under {job.input_dir}")
+    backend = _make_backend(job)
+    relative = [p.relative_to(job.input_dir) for p in paths]
+    stems = output_names(relative)
+    records: list[dict[str, Any]] = []
+    fatal = None
+    with tqdm(total=len(paths), unit="image", desc="Segmenting", disable=not job.progress) as bar:
+        for chunk in _chunks(paths, backend.chunk_size):
+            try:
+                results = backend.segment(chunk, job.pixel_size_um)
+            except FatalError as exc:
+                fatal = str(exc)
+                break
+            for path, result in zip(chunk, results, strict=True):
+                rel = path.relative_to(job.input_dir)
+                records.append(_record(job, rel, stems[rel], result))
+            bar.update(len(chunk))
+    for rel in relative[len(records):]:  # left undone by a fatal error
+        records.append({"file": rel.as_posix(), "filename": rel.name,
+                        "error": {"status": None, "title": "Not processed", "detail": fatal}})
+    return _finish(job, backend, records, time.perf_counter() - started, fatal)
+
+
+def _finish(job: FolderJob, backend: Backend, records: list[dict[str, Any]], seconds: float,
+            fatal: str | None) -> Summary:
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = job.output_dir / "results.csv", job.output_dir / "results.json"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_row(r) for r in records)
+    failures = [(r["file"], error_text(r["error"])) for r in records if r.get("error")]
+    document = {"count": len(records), "failed": len(failures), "pixel_size_um": job.pixel_size_um,
+                "model": backend.model, "source": job.url or "in-process", "seconds": round(seconds, 3),
+                "results": records}
+    json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return Summary(len(records), len(failures), seconds, csv_path, json_path, fatal, failures)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
+    """Command-line arguments → a `FolderJob`."""
+    p = argparse.ArgumentParser(
+        prog="wbc-segment", description="Segment every image in a folder into nucleus and cytoplasm.",
+        epilog="Exit status: 0 all images segmented, 1 some failed (listed in results.csv), 2 stopped.")
+    p.add_argument("input_dir", type=Path, help="folder of images, searched recursively")
+    p.add_argument("output_dir", type=Path, help="where masks/, overlays/, results.csv and results.json go")
+    p.add_argument("--glob", dest="pattern", metavar="PATTERN",
+                   help="only files matching this, e.g. '*.tif' (default: every PNG, JPEG, BMP and TIFF)")
+    p.add_argument("--overlays", action="store_true", help="also write overlays/<name>_overlay.png")
+    p.add_argument("--pixel-size-um", type=_positive_float, metavar="UM",
+                   help="microns per pixel: adds areas in µm²")
+    p.add_argument("--url", help="a running service, e.g. http://localhost:8000 (default: in-process)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="the service's API key, with --url (default: $WBC_API_KEY)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="images per request or model run (default: 8)")
+    p.add_argument("--model", dest="model_path", type=Path, metavar="PATH",
+                   help="model.onnx, without --url (default: weights/model.onnx)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="without --url (default: auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    args = p.parse_args(argv)
+    if not args.input_dir.is_dir():
+        p.error(f"{args.input_dir} is not a folder")
+    job = FolderJob(**vars(args))
+    if job.url and job.api_key is None:
+        from app.config import get_settings  # the one reader of the environment
+
+        key = get_settings().api_key
+        job.api_key = key.get_secret_value() if key else None
+    return job
+
+
+def print_summary(summary: Summary, shown: int = 20) -> None:
+    """The failed files (the first `shown`) on stderr, then one line of counts and time on stdout."""
+    for name, error in summary.failures[:shown]:
+        print(f"failed: {name}: {error}", file=sys.stderr)
+    if len(summary.failures) > shown:
+        print(f"... and {len(summary.failures) - shown} more, see {summary.csv_path}", file=sys.stderr)
+    if summary.fatal:
+        print(f"wbc-segment: stopped: {summary.fatal}", file=sys.stderr)
+    print(f"{summary.ok} segmented, {summary.failed} failed, {summary.total} in all, "
+          f"in {summary.seconds:.1f} s; results in {summary.csv_path} and {summary.json_path.name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    job = parse_args(argv)
+    try:
+        summary = segment_folder(job)
+    except FatalError as exc:
+        print(f"wbc-segment: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 2 if summary.fatal else (1 if summary.failed else 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Where `wbc-segment` segments its images: the model in this process, or a running service over HTTP.
+
+Both return, per file, the service's own JSON for it (a result, or `{"filename", "error"}`) and the
+encoded mask and overlay, made by the same `app.imaging` code the service uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from app.config import Settings
+from app.errors import ModelLoadError, ServiceError
+from app.imaging import decode_image, encode_mask_png, encode_overlay_png
+from app.inference import Segmenter
+from app.measure import Measurements, measure
+
+_MAX_RETRY_AFTER_S = 30.0
+
+
+class FatalError(RuntimeError):
+    """The run cannot go on: no model, the service unreachable or refusing the API key."""
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One file's outcome: the service's JSON for it, and its PNGs when it was segmented."""
+
+    record: dict[str, Any]
+    mask_png: bytes | None = None
+    overlay_png: bytes | None = None
+
+
+class Backend(Protocol):
+    chunk_size: int
+    model: dict[str, str]
+
+    def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
+        """One result per path, in order; a file that fails becomes a failure record."""
+        ...
+
+
+def failure(filename: str, status: int | None, title: str, detail: str) -> FileResult:
+    return FileResult({"filename": filename, "error": {"status": status, "title": title, "detail": detail}})
+
+
+def result_record(filename: str, m: Measurements, model: dict[str, str],
+                  inference_ms: float) -> dict[str, Any]:
+    """The single-image JSON of the API for measurements made here."""
+    return {"filename": filename, "width": m.width, "height": m.height, "areas_px": m.areas_px,
+            "areas_um2": m.areas_um2, "fractions": m.fractions, "nc_ratio": m.nc_ratio, "model": model,
+            "inference_ms": round(inference_ms, 3)}
+
+
+def _read(path: Path) -> bytes | FileResult:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return failure(path.name, None, "Cannot read the file", exc.strerror or str(exc))
+
+
+class LocalBackend:
+    """The shipped ONNX model, run in this process through the service's own `Segmenter`."""
+
+    def __init__(self, model_path: Path | None, device: str | None, batch_size: int, overlays: bool) -> None:
+        overrides: dict[str, Any] = {"max_batch_size": min(batch_size, 256), "warmup_runs": 0}
+        if model_path is not None:
+            overrides["model_path"] = model_path
+        if device is not None:
+            overrides["device"] = device
+        settings = Settings(**overrides)
+        try:
+            self.segmenter = Segmenter.load(settings)
+        except ModelLoadError as exc:
+            raise FatalError(f"cannot load the model: {exc}") from exc
+        self.max_pixels = settings.max_pixels
+        self.overlays = overlays
+        self.chunk_size = batch_size
+        self.model = {"name": self.segmenter.metadata.name, "version": self.segmenter.metadata.version}
+
+    def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
+        results: list[FileResult | None] = [None] * len(paths)
+        images: dict[int, Image.Image] = {}
+        for i, path in enumerate(paths):
+            data = _read(path)
+            if isinstance(data, FileResult):
+                results[i] = data
+                continue
+            try:
+                images[i] = decode_image(data, self.max_pixels)
+            except ServiceError as exc:
+                results[i] = failure(path.name, exc.status, exc.title, exc.detail)
+        if images:
+            started = time.perf_counter()
+            logits = self.segmenter.run(np.stack([self.segmenter.preprocess(im) for im in images.values()]))
+            run_ms = (time.perf_counter() - started) * 1000
+            for (i, image), image_logits in zip(images.items(), logits, strict=True):
+                results[i] = self._finish(paths[i].name, image, image_logits, run_ms, pixel_size_um)
+        return [r for r in results if r is not None]
+
+    def _finish(self, filename: str, image: Image.Image, logits: np.ndarray, run_ms: float,
+                pixel_size_um: float | None) -> FileResult:
+        mask = self.segmenter.postprocess(logits, (image.height, image.width))
+        record = result_record(filename, measure(mask, pixel_size_um), self.model, run_ms)
+        overlay = encode_overlay_png(np.asarray(image), mask) if self.overlays else None
+        return FileResult(record, encode_mask_png(mask), overlay)
+
+
+class RemoteBackend:
+    """A running service: `POST /v1/segment/batch?format=json&include_mask=true`, in chunks."""
+
+    def __init__(self, url: str, api_key: str | None, batch_size: int, overlays: bool, retries: int = 4,
+                 timeout_s: float = 300.0, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                   timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.retries = retries
+        self.overlays = overlays
+        self.chunk_size = batch_size
+        ready = self._ready()
+        self.model = {"name": ready.get("model", ""), "version": ready.get("version", "")}
+
+    def _ready(self) -> dict[str, Any]:
+        try:
+            response = self.client.get("/health/ready")
+        except httpx.HTTPError as exc:
+            raise FatalError(f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code != 200:
+            raise FatalError(f"{self.url} is not ready ({response.status_code}): {_problem(response)[1]}")
+        return dict(response.json())
+
+    def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
+        if len(paths) > self.chunk_size:  # the service took fewer files than asked before
+            half = self.chunk_size
+            return self.segment(paths[:half], pixel_size_um) + self.segment(paths[half:], pixel_size_um)
+        contents = [_read(p) for p in paths]
+        sendable = [(p, c) for p, c in zip(paths, contents, strict=True) if isinstance(c, bytes)]
+        answers = iter(self._send(sendable, pixel_size_um) if sendable else [])
+        return [c if isinstance(c, FileResult) else next(answers) for c in contents]
+
+    def _send(self, items: list[tuple[Path, bytes]], pixel_size_um: float | None) -> list[FileResult]:
+        params: dict[str, Any] = {"format": "json", "include_mask": "true"}
+        if pixel_size_um is not None:
+            params["pixel_size_um"] = pixel_size_um
+        files = [("files", (path.name, data, "application/octet-stream")) for path, data in items]
+        response = self._post(params, files)
+        if response.status_code == 413 and len(items) > 1:  # too many files or bytes: halve and retry
+            self.chunk_size = max(1, min(self.chunk_size, len(items) // 2))
+            half = len(items) // 2
+            return self._send(items[:half], pixel_size_um) + self._send(items[half:], pixel_size_um)
+        if response.status_code == 401:
+            raise FatalError(f"the service refused the API key: {_problem(response)[1]}")
+        if response.status_code != 200:
+            title, detail = _problem(response)
+            return [failure(path.name, response.status_code, title, detail) for path, _ in items]
+        records = response.json()["results"]
+        return [self._result(record, data) for (_, data), record in zip(items, records, strict=True)]
+
+    def _post(self, params: dict[str, Any], files: list[Any]) -> httpx.Response:
+        """POST, waiting out 503 answers (queue full, model loading) as `Retry-After` says, a few times."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.post("/v1/segment/batch", params=params, files=files)
+            except httpx.HTTPError as exc:
+                raise FatalError(f"lost the connection to {self.url}: {exc}") from exc
+            if response.status_code != 503 or attempt == self.retries:
+                return response
+            time.sleep(_retry_after(response))
+        raise AssertionError("unreachable")
+
+    def _result(self, record: dict[str, Any], data: bytes) -> FileResult:
+        if "error" in record:
+            return FileResult(record)
+        mask_png = base64.b64decode(record.pop("mask_png_base64"))
+        overlay = None
+        if self.overlays:
+            # Drawn here with the service's own code: the JSON answer carries the mask, not the overlay.
+            mask = np.asarray(Image.open(io.BytesIO(mask_png)))
+            overlay = encode_overlay_png(np.asarray(decode_image(data, mask.size)), mask)
+        return FileResult(record, mask_png, overlay)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers.get("Retry-After", "1")), 0.0), _MAX_RETRY_AFTER_S)
+    except ValueError:
+        return 1.0
+
+
+def _problem(response: httpx.Response) -> tuple[str, str]:
+    """Title and detail of a problem response, or the status line."""
+    try:
+        body = response.json()
+        return str(body.get("title", response.reason_phrase)), str(body.get("detail", ""))
+    except ValueError:
+        return response.reason_phrase, response.text[:200]

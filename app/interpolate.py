@@ -1,0 +1,78 @@
+"""Logits back to the image's own size: separable bilinear resize (align_corners=False), then argmax."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+# Output elements resized per step: about 1 MiB of float32 per intermediate, whatever the image size.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+@lru_cache(maxsize=512)
+def axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights along one axis, as PyTorch's bilinear with align_corners=False.
+
+    Returns:
+        `i0`, `i1` (neighbouring source indices) and `w1` (weight of `i1`), each of length `n_out`.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(src.astype(np.intp), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    for array in (i0, i1, w1):
+        array.flags.writeable = False  # shared through the cache
+    return i0, i1, w1
+
+
+def resize_bilinear(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of `(C, h, w)` float32 to `(C, H, W)` (align_corners=False, no antialiasing)."""
+    return _resize_rows(_resize_columns(logits, size[1]), size[0], 0, size[0])
+
+
+def _resize_columns(logits: np.ndarray, width: int) -> np.ndarray:
+    if logits.shape[2] == width:
+        return logits
+    i0, i1, w1 = axis_weights(logits.shape[2], width)
+    left = logits[:, :, i0]
+    return left + (logits[:, :, i1] - left) * w1
+
+
+def _resize_rows(columns: np.ndarray, height: int, start: int, stop: int) -> np.ndarray:
+    if columns.shape[1] == height:
+        return columns[:, start:stop]
+    i0, i1, w1 = axis_weights(columns.shape[1], height)
+    top = columns[:, i0[start:stop]]
+    return top + (columns[:, i1[start:stop]] - top) * w1[start:stop, None]
+
+
+def labels_at_size(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Class ids at `size` = (H, W) from `(C, h, w)` logits: resize the logits, then take the argmax.
+
+    Resizing is linear, so the differences `logits[c] - logits[0]` are resized instead of the logits
+    themselves: one channel less to interpolate, the same argmax (ties go to the lower class, as
+    `np.argmax`). Rows are done in blocks so that memory stays small for very large images.
+
+    Returns:
+        `(H, W)` uint8 labels.
+    """
+    height, width = size
+    logits = np.asarray(logits, np.float32)
+    columns = _resize_columns(logits[1:] - logits[0], width)
+    labels = np.empty((height, width), np.uint8)
+    step = max(1, _BLOCK_ELEMENTS // (columns.shape[0] * width))
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        _argmax_over_zero(_resize_rows(columns, height, start, stop), labels[start:stop])
+    return labels
+
+
+def _argmax_over_zero(differences: np.ndarray, out: np.ndarray) -> None:
+    """Write into `out` the argmax over `[0, differences[0], differences[1], ...]` per pixel."""
+    best = np.zeros(out.shape, np.float32)
+    out[...] = 0
+    for c in range(differences.shape[0]):
+        np.copyto(out, c + 1, where=differences[c] > best)
+        np.maximum(best, differences[c], out=best)

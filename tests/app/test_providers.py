@@ -1,0 +1,57 @@
+"""Execution provider choice: CUDA first when it is really usable, the CPU otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from service_support import problem, running
+
+from app import inference
+from app.config import Settings
+from app.errors import ModelLoadError
+from app.inference import CPU, CUDA, requested_providers
+
+
+@pytest.fixture
+def cuda_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(inference, "_preload_cuda_libraries", lambda: None)
+
+
+def test_cuda_comes_first_when_its_provider_and_a_driver_exist(
+        cuda_listed: None, monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., Settings]) -> None:
+    monkeypatch.setattr(inference, "cuda_driver_present", lambda: True)
+    providers = requested_providers(settings_for(device="auto", cuda_device_id=1))
+    assert providers == [(CUDA, {"device_id": 1}), CPU]
+
+
+def test_a_listed_cuda_provider_without_a_driver_is_not_tried(
+        cuda_listed: None, monkeypatch: pytest.MonkeyPatch, settings_for: Callable[..., Settings]) -> None:
+    monkeypatch.setattr(inference, "cuda_driver_present", lambda: False)
+    assert requested_providers(settings_for(device="auto")) == [CPU]
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        requested_providers(settings_for(device="cuda"))
+
+
+def test_device_cpu_never_asks_for_cuda(cuda_listed: None, settings_for: Callable[..., Settings]) -> None:
+    assert requested_providers(settings_for(device="cpu")) == [CPU]
+
+
+def test_requiring_cuda_where_it_cannot_run_keeps_the_service_unready(
+        settings_for: Callable[..., Settings]) -> None:
+    if inference.cuda_driver_present() and CUDA in inference.ort.get_available_providers():
+        pytest.skip("CUDA is usable here")
+    with running(settings_for(device="cuda")) as client:
+        problem(client.get("/health/ready"), 503)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_the_session_runs_on_cuda(settings_for: Callable[..., Settings],
+                                                   png_bytes: bytes) -> None:
+    if not inference.cuda_driver_present():
+        pytest.skip("no NVIDIA driver (libcuda.so.1): the CUDA runtime alone cannot run a session")
+    with running(settings_for(device="auto")) as client:
+        assert client.get("/health/ready").json()["provider"] == CUDA
+        assert client.get("/v1/model").json()["providers"][0] == CUDA
+        assert client.post("/v1/segment", files={"file": ("a.png", png_bytes)}).status_code == 200

@@ -1,0 +1,51 @@
+"""The benchmark scripts run end to end on the tiny model and report what they promise (their numbers
+belong to docs/benchmarks.md, not to assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bench_model_compares_engines_and_reports_flops_and_peak(tiny_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    run = _run("bench_model.py", "--model", str(tiny_model_dir / "model.onnx"), "--int8", "", "--sizes", "32",
+               "--batches", "1", "2", "--rounds", "1", "--threads", "1", "--no-cuda", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["engines"][:2] == ["torch-eager", "ort-cpu"]
+    assert [(c["size"], c["batch"]) for c in result["cases"]] == [(32, 1), (32, 2)]
+    for case in result["cases"]:
+        assert case["gflop_per_image"] > 0 and case["gemm_gflops"] > 0
+        assert set(case["ms_per_image"]) == {"torch-eager", "ort-cpu"}
+    assert result["theoretical_peak_gflops"] > 0
+    assert "| 32 | 2 |" in run.stdout and "no CUDA" in run.stdout
+
+
+@pytest.mark.slow
+def test_bench_load_measures_both_endpoints_with_batching_on_and_off(tiny_model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    run = _run("bench_load.py", "--model", str(tiny_model_dir / "model.onnx"), "--rounds", "1",
+               "--concurrency", "1", "2", "--images", "4", "--batch-files", "2", "--budget-s", "20",
+               "--json", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    for endpoint in ("single", "batch"):
+        for c in (1, 2):
+            for mode in ("on", "off"):
+                row = summary[f"{endpoint}|{c}|{mode}"]
+                assert row["statuses"] == {"200": row["statuses"]["200"]} and row["images_per_s"] > 0
+    assert {"raw|1", "raw|2"} <= set(summary)

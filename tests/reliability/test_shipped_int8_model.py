@@ -1,0 +1,50 @@
+"""The shipped int8 model, where there is one: it belongs to the shipped fp32 model, passed its Dice
+bound, and the service serves it with masks that agree with the fp32 model's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from service_support import png_array, running, upload
+
+from app.config import Settings
+from app.model_meta import load_metadata, sha256_file, verify_model_file
+
+REPO = Path(__file__).resolve().parents[2]
+FP32 = REPO / "weights" / "model.onnx"
+INT8 = REPO / "weights" / "model.int8.onnx"
+EXAMPLES = sorted((REPO / "examples").glob("*.png"))
+
+pytestmark = pytest.mark.skipif(not (INT8.is_file() and FP32.is_file()),
+                                reason="weights/model.int8.onnx is not there (wbc-quantize writes it)")
+
+
+def test_int8_model_was_made_from_the_shipped_model_and_passed_its_bound() -> None:
+    meta = json.loads(INT8.with_suffix(".json").read_text())
+    verify_model_file(INT8, load_metadata(INT8.with_suffix(".json")))
+    fp32 = json.loads(FP32.with_name("model.json").read_text())
+    assert meta["quantization"]["source"]["sha256"] == fp32["sha256"] == sha256_file(FP32), \
+        "weights/model.onnx changed since the int8 model was made: run wbc-quantize again"
+    validation = meta["quantization"]["validation"]
+    assert validation["accepted"] is True
+    assert all(d["delta"] >= -validation["max_dice_drop"] for d in validation["dice"].values())
+    assert meta["version"] == f"{fp32['version']}+int8"
+
+
+def _masks(settings: Settings) -> dict[str, np.ndarray]:
+    with running(settings) as client:
+        return {p.name: png_array(client.post("/v1/segment?format=png", files=upload(p.read_bytes(), p.name))
+                                  .content) for p in EXAMPLES}
+
+
+def test_int8_masks_agree_with_the_fp32_masks(settings_for: Callable[..., Settings]) -> None:
+    fp32, int8 = _masks(settings_for(model_path=FP32)), _masks(settings_for(model_path=INT8))
+    for name, mask in fp32.items():
+        for cls in (1, 2):
+            a, b = mask == cls, int8[name] == cls
+            dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+            assert dice > 0.97, (name, cls, dice)
