@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: serve test test-all lint install install-dev clean container-test bench lint-deploy
+.PHONY: serve test test-slow test-all lint install install-dev clean container-test bench lint-deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,16 @@ $(VENV)/.installed-browser: scripts/install-browser.sh | $(VENV)/.installed-dev
 install: $(VENV)/.installed-serve
 install-dev: $(VENV)/.installed-dev
 
+# Settings come from WBC_* variables (README); SIGTERM drains requests in flight, then exits 0.
 serve: $(VENV)/.installed-serve
-	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+	$(BIN)/python -m app --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev $(VENV)/.installed-browser
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The heavier reliability checks (schemathesis at full depth, dropped uploads, load script smoke); CI runs them.
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(default=1, ge=0)
 
     # Inference queue and micro-batching.
-    max_batch_size: int = Field(default=8, ge=1, le=256)
+    # None: chosen for the provider in use (see inference.AUTO_BATCH_SIZE).
+    max_batch_size: int | None = Field(default=None, ge=1, le=256)
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
     queue_size: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=1)

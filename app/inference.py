@@ -23,6 +23,16 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+#: Most images per run when the settings leave it open. On the CPU a batch of 8 is no faster per image
+#: than one image at a time (docs/benchmarks.md), so concurrent requests are not merged there; on a
+#: GPU a batch costs little more than one image, and merging is where throughput comes from.
+AUTO_BATCH_SIZE = {CUDA: 8, CPU: 1}
+
+
+def batch_size_for(configured: int | None, provider: str) -> int:
+    """The configured largest batch, or the provider's default when none is configured."""
+    return configured if configured is not None else AUTO_BATCH_SIZE.get(provider, 1)
+
 
 def cuda_driver_present() -> bool:
     """Whether an NVIDIA driver is visible to this process (the container runtime mounts libcuda)."""
@@ -109,9 +119,11 @@ class Segmenter:
     metadata. Masks and logits are returned in the API's class order (`app.CLASS_NAMES`).
     """
 
-    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata) -> None:
+    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata,
+                 max_batch_size: int | None = None) -> None:
         self.session = session
         self.metadata = metadata
+        self.max_batch_size = batch_size_for(max_batch_size, self.provider)
         self._transform = InputTransform.from_metadata(metadata)
         order = [metadata.classes.index(name) for name in CLASS_NAMES]
         self._order = None if order == list(range(len(order))) else order
@@ -135,8 +147,8 @@ class Segmenter:
             raise ModelLoadError(f"onnxruntime cannot load {settings.model_path}: {exc}") from exc
         if settings.device == "cuda" and session.get_providers()[0] != CUDA:
             raise ModelLoadError("device=cuda, but the session fell back to the CPU")
-        segmenter = cls(session, metadata)
-        segmenter.warm_up(settings.max_batch_size, settings.warmup_runs)
+        segmenter = cls(session, metadata, settings.max_batch_size)
+        segmenter.warm_up(settings.warmup_runs)
         logger.info("model %s %s loaded on %s", metadata.name, metadata.version, segmenter.provider)
         return segmenter
 
@@ -162,14 +174,15 @@ class Segmenter:
             raise ModelLoadError(f"the model's tensors are {inputs} → {outputs}, but its metadata names "
                                  f"{self.metadata.input.name!r} → {self.metadata.output.name!r}")
 
-    def warm_up(self, max_batch_size: int, runs: int) -> None:
+    def warm_up(self, runs: int) -> None:
         """Run the batch sizes the service will use, so that the first requests pay no set-up cost.
 
         Raises:
             ModelLoadError: the output is not `(N, classes, h, w)`.
         """
         height, width = self.input_size
-        sizes = range(1, max_batch_size + 1) if self.provider == CUDA else sorted({1, max_batch_size})
+        largest = self.max_batch_size
+        sizes = range(1, largest + 1) if self.provider == CUDA else sorted({1, largest})
         for _ in range(runs):
             for n in sizes:
                 logits = self.run(np.zeros((n, 3, height, width), np.float32))

@@ -124,7 +124,7 @@ async def _load(state: ServiceState, limiter: anyio.CapacityLimiter) -> None:
         logger.exception("model not loaded, the service stays unready")
         state.set_phase(Phase.FAILED)
         return
-    batcher = MicroBatcher(segmenter.run, settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
+    batcher = MicroBatcher(segmenter.run, segmenter.max_batch_size, settings.max_wait_ms, settings.queue_size,
                            settings.retry_after_s, observe=state.metrics.observe_run,
                            on_reject=state.metrics.rejected.inc)
     batcher.start()

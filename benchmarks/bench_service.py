@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,7 +35,7 @@ import onnxruntime as ort  # noqa: E402
 
 from app.config import Settings, available_cpus  # noqa: E402
 from app.imaging import decode_image  # noqa: E402
-from app.inference import InputTransform, session_options  # noqa: E402
+from app.inference import CPU, InputTransform, batch_size_for, session_options  # noqa: E402
 from app.interpolate import labels_at_size  # noqa: E402
 from app.measure import measure  # noqa: E402
 from app.model_meta import load_metadata  # noqa: E402
@@ -91,6 +92,27 @@ class RawSession:
         return Stats(count, time.perf_counter() - started, latencies)
 
 
+    def stage_costs(self, rounds: int = 10) -> dict[str, float]:
+        """CPU milliseconds per image of each stage of the in-process pipeline, over every image."""
+        spent: dict[str, float] = {}
+
+        def clock(name: str, function: Callable[..., Any], *args: Any) -> Any:
+            started = time.process_time()
+            result = function(*args)
+            spent[name] = spent.get(name, 0.0) + time.process_time() - started
+            return result
+
+        for _ in range(rounds):
+            for _, data in self.images:
+                image = clock("decode", decode_image, data, 10**9)
+                x = clock("preprocess", self.transform, image)
+                logits = clock("session run", self.session.run, None, {self.input: x[None]})[0]
+                mask = clock("mask at full size", labels_at_size, logits[0], (image.height, image.width))
+                clock("measure", measure, mask)
+        count = rounds * len(self.images)
+        return {name: seconds * 1000 / count for name, seconds in spent.items()}
+
+
 def peak_rss_mib(pid: int | None = None) -> float:
     """Peak resident memory (VmHWM) of a process, in MiB; this process's without `pid`."""
     if pid is None:
@@ -130,7 +152,8 @@ def compare(args: argparse.Namespace, images: list[tuple[str, bytes]], settings:
     """The raw session against the service at its defaults; Markdown lines."""
     raw = RawSession(args.model, settings, images)
     raw_peak = peak_rss_mib()
-    chunk = min(settings.max_batch_size, args.batch_files)
+    costs = raw.stage_costs()
+    chunk = min(batch_size_for(settings.max_batch_size, CPU), args.batch_files)
     n = args.requests
     with Server(args.model, {"WBC_LOG_LEVEL": "WARNING"}) as server:
         server.warm(images)
@@ -157,19 +180,25 @@ def compare(args: argparse.Namespace, images: list[tuple[str, bytes]], settings:
     per_pair = "; ".join(f"{label}: " + ", ".join(f"{s.throughput / r.throughput:.2f}"
                                                   for r, s in zip(raws, services, strict=True))
                          for label, (_, raws, services) in measured.items())
-    return [*lines, "", f"Peak resident memory: the raw session's process {raw_peak:.0f} MiB (measured "
-            f"before any client work); the service's process {server_peak:.0f} MiB.", "",
+    image_work = sum(v for k, v in costs.items() if k != "session run")
+    stages = ["| stage | CPU ms per image |", "| --- | --- |",
+              *(f"| {name} | {ms:.2f} |" for name, ms in costs.items()),
+              "", f"Work on the image around the session run: {image_work:.1f} ms of CPU per image, "
+              f"{image_work / costs['session run']:.0%} of the run's {costs['session run']:.1f} ms."]
+    return [*lines, "", *stages, "", f"Peak resident memory: the raw session's process {raw_peak:.0f} MiB "
+            f"(measured before any client work); the service's process {server_peak:.0f} MiB.", "",
             f"Service / raw in each pair: {per_pair}."]
 
 
 def batching_study(args: argparse.Namespace, images: list[tuple[str, bytes]],
                    settings: Settings) -> list[str]:
-    """Micro-batching off (max batch 1) against the defaults, single requests; Markdown lines."""
+    """Micro-batching off (max batch 1) and on (max batch 8), single requests; Markdown lines."""
     off = {"WBC_LOG_LEVEL": "WARNING", "WBC_MAX_BATCH_SIZE": "1", "WBC_MAX_WAIT_MS": "0"}
-    on = f"on (max batch {settings.max_batch_size}, max wait {settings.max_wait_ms:g} ms)"
+    on_env = {**off, "WBC_MAX_BATCH_SIZE": "8", "WBC_MAX_WAIT_MS": f"{settings.max_wait_ms:g}"}
+    on = f"on (max batch 8, max wait {settings.max_wait_ms:g} ms)"
     lines = [f"| concurrency | off: img/s | off: p50 / p99 ms | {on}: img/s | on: p50 / p99 ms | on / off "
              "| images per run, on |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    with Server(args.model, off) as without, Server(args.model, {"WBC_LOG_LEVEL": "WARNING"}) as with_:
+    with Server(args.model, off) as without, Server(args.model, on_env) as with_:
         without.warm(images)
         with_.warm(images)
         for c in (1, 2, 4):
@@ -226,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"measurement, {args.pairs} pairs per comparison.",
               f"Machine: {platform.machine()}, {available_cpus()} CPUs available, load average "
               f"{os.getloadavg()[0]:.1f} at the start; onnxruntime {ort.__version__} on the CPU, "
-              f"{settings.intra_op_threads} intra-op threads; service defaults: max batch "
-              f"{settings.max_batch_size}, max wait {settings.max_wait_ms:g} ms.", "",
+              f"{settings.intra_op_threads} intra-op threads; service defaults on the CPU: max batch "
+              f"{batch_size_for(settings.max_batch_size, CPU)}, max wait {settings.max_wait_ms:g} ms.", "",
               *compare(args, images, settings)]
     if args.study:
         study = batching_study(args, images, settings)

@@ -14,10 +14,12 @@ def _cuda_available() -> bool:
 
 
 def _cuda_runtime_loads() -> bool:
+    """Both the CUDA runtime the provider links and the driver library (absent without a GPU driver)."""
     import ctypes
 
     try:
         ctypes.CDLL("libcudart.so.13")
+        ctypes.CDLL("libcuda.so.1")
     except OSError:
         return False
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from service_support import problem, running
@@ -10,7 +11,7 @@ from service_support import problem, running
 from app import inference
 from app.config import Settings
 from app.errors import ModelLoadError
-from app.inference import CPU, CUDA, requested_providers
+from app.inference import CPU, CUDA, batch_size_for, requested_providers
 
 
 @pytest.fixture
@@ -55,3 +56,22 @@ def test_on_a_gpu_machine_the_session_runs_on_cuda(settings_for: Callable[..., S
         assert client.get("/health/ready").json()["provider"] == CUDA
         assert client.get("/v1/model").json()["providers"][0] == CUDA
         assert client.post("/v1/segment", files={"file": ("a.png", png_bytes)}).status_code == 200
+
+
+@pytest.mark.parametrize(("configured", "provider", "expected"), [
+    (None, CPU, 1), (None, CUDA, 8), (4, CPU, 4), (2, CUDA, 2),
+], ids=["cpu-auto", "cuda-auto", "cpu-set", "cuda-set"])
+def test_largest_batch_follows_the_provider_unless_set(configured: int | None, provider: str,
+                                                       expected: int) -> None:
+    assert batch_size_for(configured, provider) == expected
+
+
+def test_on_the_cpu_concurrent_requests_run_one_by_one_by_default(
+        settings_for: Callable[..., Settings], png_bytes: bytes) -> None:
+    with running(settings_for()) as client, ThreadPoolExecutor(4) as pool:
+        responses = pool.map(lambda i: client.post("/v1/segment", files={"file": (f"{i}.png", png_bytes)}),
+                             range(4))
+        assert [r.status_code for r in responses] == [200] * 4
+        text = client.get("/metrics").text
+    assert "wbc_inference_batch_size_sum 4.0" in text
+    assert "wbc_inference_batch_size_count 4.0" in text
