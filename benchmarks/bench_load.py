@@ -20,7 +20,6 @@ import glob
 import http.client
 import json
 import os
-import resource
 import statistics
 import sys
 import threading
@@ -41,7 +40,7 @@ from app.config import Settings  # noqa: E402
 from app.imaging import decode_image  # noqa: E402
 from app.inference import InputTransform, session_options  # noqa: E402
 from app.model_meta import load_metadata  # noqa: E402
-from benchmarks.service_client import Server, multipart  # noqa: E402
+from benchmarks.service_client import Server, multipart, peak_rss_mib  # noqa: E402
 
 CONCURRENCY = (1, 2, 8, 32)
 #: Micro-batching on (runs of up to 8 images, waiting up to 5 ms for company) and off.
@@ -133,16 +132,6 @@ class RawSession:
             load.images += batch
         load.seconds = time.perf_counter() - started
         return load
-
-
-def peak_rss_mib(pid: int | None = None) -> float:
-    """VmHWM of a process (this one by default), in MiB."""
-    if pid is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(args: argparse.Namespace, files: list[tuple[str, bytes]]) -> dict[str, Any]:

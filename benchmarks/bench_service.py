@@ -19,7 +19,6 @@ import argparse
 import glob
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -39,7 +38,14 @@ from app.inference import CPU, InputTransform, batch_size_for, session_options  
 from app.interpolate import labels_at_size  # noqa: E402
 from app.measure import measure  # noqa: E402
 from app.model_meta import load_metadata  # noqa: E402
-from benchmarks.service_client import Server, Stats, bench_batch, bench_single, timed  # noqa: E402
+from benchmarks.service_client import (  # noqa: E402
+    Server,
+    Stats,
+    bench_batch,
+    bench_single,
+    peak_rss_mib,
+    timed,
+)
 
 Measure = Callable[[], Stats]
 
@@ -111,16 +117,6 @@ class RawSession:
                 clock("measure", measure, mask)
         count = rounds * len(self.images)
         return {name: seconds * 1000 / count for name, seconds in spent.items()}
-
-
-def peak_rss_mib(pid: int | None = None) -> float:
-    """Peak resident memory (VmHWM) of a process, in MiB; this process's without `pid`."""
-    if pid is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def paired(first: Measure, second: Measure, pairs: int) -> tuple[list[Stats], list[Stats]]:

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -21,6 +22,16 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mib(pid: int | None = None) -> float:
+    """Peak resident memory (VmHWM) of a process, in MiB; this process's without `pid`."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def timed(action: Callable[[], Any]) -> float:
