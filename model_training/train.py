@@ -234,6 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = load_data(cfg)
+    train_images = len(train_set)
     train_set = oversample(train_set, parse_oversample(cfg.oversample))
     model = build_model(cfg.model, **cfg.model_kwargs()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -241,8 +242,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, best, best_epoch, best_scores = resume_state(cfg, model, optimizer, out, device)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    logger.info("%s: %d parameters, %d train / %d val images, device %s", cfg.model,
-                count_parameters(model), len(train_set), len(val_set), device)
+    logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",
+                cfg.model, count_parameters(model), train_images, len(train_set), len(val_set), device)
     augment = Augment(cfg.input_size, generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
