@@ -1,4 +1,4 @@
-"""A bounded inference queue and one worker thread that coalesces waiting requests into batched runs."""
+"""A bounded inference queue and worker threads that coalesce waiting requests into batched runs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 #: Called after every session run with (batch size, seconds).
 RunObserver = Callable[[int, float], None]
+#: The model: `(N, 3, h, w)` float32 and whether another run may be going on at the same time →
+#: `(N, C, h, w)` logits.
+RunFunction = Callable[[np.ndarray, bool], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -44,27 +47,32 @@ class Ticket:
 
 
 class MicroBatcher:
-    """Runs `run(batch)` on a single worker thread, merging jobs that wait into one batch.
+    """Runs `run(batch)` on `workers` threads, merging jobs that wait into one batch.
 
-    The worker takes the oldest job and every job queued behind it, up to `max_batch_size` images.
+    A worker takes the oldest job and every job queued behind it, up to `max_batch_size` images.
     While jobs announced with `expecting()` are still being prepared, it waits for them, at most
     `max_wait_ms`; with none announced it runs at once, so a lone request never waits for company.
     Runs are chunks of at most `max_batch_size` images. At most `queue_size` jobs wait; `submit`
-    refuses more at once instead of blocking.
+    refuses more at once instead of blocking. With several workers, as many runs go on at once; each
+    run is told whether it started alone (no other run going on, no job waiting), so that the model
+    can give a lone request every core and share them out when runs overlap.
 
     Args:
-        run: `(N, 3, h, w)` float32 → `(N, C, h, w)` logits; called from the worker thread only.
+        run: `run(images, concurrent)`, see `RunFunction`; called from the worker threads only.
         max_batch_size: most images per run.
         max_wait_ms: longest wait for announced jobs once the worker holds one.
         queue_size: most jobs waiting.
         retry_after_s: what an overloaded client is told to wait.
         observe: called after each run with its batch size and duration in seconds.
         on_reject: called when the queue refuses a job.
+        workers: runs at once.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_wait_ms: float,
+    def __init__(self, run: RunFunction, max_batch_size: int, max_wait_ms: float,
                  queue_size: int, retry_after_s: int = 1, observe: RunObserver | None = None,
-                 on_reject: Callable[[], None] | None = None) -> None:
+                 on_reject: Callable[[], None] | None = None, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
         self._run = run
         self.max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000.0
@@ -74,20 +82,30 @@ class MicroBatcher:
         self._on_reject = on_reject
         self._jobs: deque[_Job] = deque()
         self._expected = 0
+        self._running = 0  # runs going on
         self._stopping = False
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._work, name="wbc-inference", daemon=True)
+        self._threads = [threading.Thread(target=self._work, name=f"wbc-inference-{i}", daemon=True)
+                         for i in range(workers)]
+
+    @property
+    def workers(self) -> int:
+        """Runs that may go on at once."""
+        return len(self._threads)
 
     def start(self) -> None:
-        """Start the worker thread."""
-        self._thread.start()
+        """Start the worker threads."""
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs already queued, then end the worker thread."""
+        """Finish the jobs already queued, then end the worker threads (`timeout` for all of them)."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def depth(self) -> int:
         """Jobs waiting for the worker."""
@@ -136,11 +154,18 @@ class MicroBatcher:
             self._changed.notify_all()
 
     def _work(self) -> None:
-        while (jobs := self._next_jobs()) is not None:
-            self._run_jobs([j for j in jobs if j.future.set_running_or_notify_cancel()])
+        while (taken := self._next_jobs()) is not None:
+            jobs, concurrent = taken
+            try:
+                self._run_jobs([j for j in jobs if j.future.set_running_or_notify_cancel()], concurrent)
+            finally:
+                with self._changed:
+                    self._running -= 1
 
-    def _next_jobs(self) -> list[_Job] | None:
-        """The oldest job and those that join it within the wait; None once stopping and drained."""
+    def _next_jobs(self) -> tuple[list[_Job], bool] | None:
+        """The oldest job and those that join it within the wait, and whether the run will overlap
+        another (one going on, or a job left waiting for another worker); None once stopping and
+        drained."""
         with self._changed:
             while not self._jobs and not self._stopping:
                 self._changed.wait()
@@ -158,15 +183,17 @@ class MicroBatcher:
                 if self._expected == 0 or remaining <= 0 or self._stopping:
                     break
                 self._changed.wait(remaining)
-            return jobs
+            concurrent = self._running > 0 or (bool(self._jobs) and self.workers > 1)
+            self._running += 1
+            return jobs, concurrent
 
-    def _run_jobs(self, jobs: list[_Job]) -> None:
+    def _run_jobs(self, jobs: list[_Job], concurrent: bool) -> None:
         if not jobs:
             return
         try:
             images = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
             started = time.perf_counter()
-            logits = self._run_chunks(images)
+            logits = self._run_chunks(images, concurrent)
             run_ms = (time.perf_counter() - started) * 1000.0
         except Exception as exc:  # the failure belongs to the requests, which report it
             logger.exception("inference failed on a batch of %d jobs", len(jobs))
@@ -179,12 +206,12 @@ class MicroBatcher:
             job.future.set_result(InferenceResult(logits[offset:offset + count], run_ms, len(images)))
             offset += count
 
-    def _run_chunks(self, images: np.ndarray) -> np.ndarray:
+    def _run_chunks(self, images: np.ndarray, concurrent: bool) -> np.ndarray:
         outputs = []
         for start in range(0, len(images), self.max_batch_size):
             chunk = images[start:start + self.max_batch_size]
             started = time.perf_counter()
-            outputs.append(self._run(chunk))
+            outputs.append(self._run(chunk, concurrent))
             if self._observe is not None:
                 self._observe(len(chunk), time.perf_counter() - started)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -60,12 +60,17 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default_factory=available_cpus, ge=1)
     inter_op_threads: int = Field(default=1, ge=1)
     ort_spinning: bool = False
+    # glibc malloc: buffers below this many MiB come from the heap and are reused (app/allocator.py);
+    # 0 leaves the C library's defaults.
+    malloc_mmap_threshold_mib: int = Field(default=32, ge=0, le=1024)
     warmup_runs: int = Field(default=1, ge=0)
 
     # Inference queue and micro-batching.
     # None: chosen for the provider in use (see inference.AUTO_BATCH_SIZE).
     max_batch_size: int | None = Field(default=None, ge=1, le=256)
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    # None: chosen for the provider in use (see inference.inference_workers_for).
+    inference_workers: int | None = Field(default=None, ge=1, le=64)
     queue_size: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=1)
     cpu_workers: int = Field(default_factory=available_cpus, ge=1)

@@ -8,12 +8,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 from app import CLASS_NAMES
-from app.config import Settings
+from app.config import Settings, available_cpus
 from app.errors import ModelLoadError
 from app.interpolate import labels_at_size
 from app.model_meta import ModelMetadata, load_metadata, verify_model_file
@@ -32,6 +33,15 @@ AUTO_BATCH_SIZE = {CUDA: 8, CPU: 1}
 def batch_size_for(configured: int | None, provider: str) -> int:
     """The configured largest batch, or the provider's default when none is configured."""
     return configured if configured is not None else AUTO_BATCH_SIZE.get(provider, 1)
+
+
+def inference_workers_for(configured: int | None, provider: str, cpus: int) -> int:
+    """Session runs that may go on at once: the configured number, else one on CUDA (the GPU takes one
+    run at a time; batching is what fills it) and two on a CPU with two cores or more (docs/benchmarks.md:
+    two single-threaded runs side by side do more than one run on two threads)."""
+    if configured is not None:
+        return configured
+    return 1 if provider == CUDA or cpus < 2 else 2
 
 
 def cuda_driver_present() -> bool:
@@ -66,10 +76,10 @@ def _preload_cuda_libraries() -> None:
         logger.debug("preloading CUDA libraries failed: %r", exc)
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
-    """Thread counts and optimisation level from the settings."""
+def session_options(settings: Settings, intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Thread counts and optimisation level from the settings (`intra_op_threads` overrides theirs)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads or settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -101,8 +111,14 @@ class InputTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         height, width = self.size
+        planes: np.ndarray
         if image.size == (width, height):
             planes = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        elif image.width <= width and image.height <= height:
+            # Growing, bilinear has no antialiasing to do: OpenCV's is the same arithmetic, several
+            # times faster than three Pillow passes.
+            pixels = np.asarray(image, dtype=np.float32)
+            planes = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
         else:
             # Each channel is resized as 32-bit float: Pillow resizing the 8-bit image would round to
             # whole grey levels after each of its two passes, up to one level away from training.
@@ -112,18 +128,40 @@ class InputTransform:
                                     dtype=np.float32)
 
 
+def _open_session(settings: Settings, options: ort.SessionOptions,
+                  providers: list[Any]) -> ort.InferenceSession:
+    """The onnxruntime session of the settings' model.
+
+    Raises:
+        ModelLoadError: onnxruntime cannot load it.
+    """
+    try:
+        return ort.InferenceSession(str(settings.model_path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's errors carry no common type
+        raise ModelLoadError(f"onnxruntime cannot load {settings.model_path}: {exc}") from exc
+
+
 class Segmenter:
     """Runs the exported network on images of any size and returns class masks at their own size.
 
     Everything about the model (input size, normalisation, class order, tensor names) comes from its
     metadata. Masks and logits are returned in the API's class order (`app.CLASS_NAMES`).
+
+    On the CPU with several inference workers there are two sessions of the same model: `session`
+    with every intra-op thread, for a run that starts alone, and `shared_session` with a share of
+    them, for runs that overlap (onnxruntime runs concurrent calls of one session side by side). A
+    lone request thus gets all cores, and a steady stream of them gets each core running its own
+    image, which on small images does more than splitting every operator over the cores.
     """
 
     def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, workers: int = 1,
+                 shared_session: ort.InferenceSession | None = None) -> None:
         self.session = session
+        self.shared_session = shared_session
         self.metadata = metadata
         self.max_batch_size = batch_size_for(max_batch_size, self.provider)
+        self.workers = workers
         self._transform = InputTransform.from_metadata(metadata)
         order = [metadata.classes.index(name) for name in CLASS_NAMES]
         self._order = None if order == list(range(len(order))) else order
@@ -138,18 +176,19 @@ class Segmenter:
         """
         metadata = load_metadata(settings.metadata_file)
         verify_model_file(settings.model_path, metadata)
-        try:
-            session = ort.InferenceSession(str(settings.model_path), session_options(settings),
-                                           providers=requested_providers(settings))
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # onnxruntime's errors carry no common type
-            raise ModelLoadError(f"onnxruntime cannot load {settings.model_path}: {exc}") from exc
+        session = _open_session(settings, session_options(settings), requested_providers(settings))
         if settings.device == "cuda" and session.get_providers()[0] != CUDA:
             raise ModelLoadError("device=cuda, but the session fell back to the CPU")
-        segmenter = cls(session, metadata, settings.max_batch_size)
+        provider = str(session.get_providers()[0])
+        workers = inference_workers_for(settings.inference_workers, provider, available_cpus())
+        shared = None
+        if provider == CPU and workers > 1 and settings.intra_op_threads > 1:
+            threads = max(1, settings.intra_op_threads // workers)
+            shared = _open_session(settings, session_options(settings, threads), [CPU])
+        segmenter = cls(session, metadata, settings.max_batch_size, workers, shared)
         segmenter.warm_up(settings.warmup_runs)
-        logger.info("model %s %s loaded on %s", metadata.name, metadata.version, segmenter.provider)
+        logger.info("model %s %s loaded on %s, %d inference workers", metadata.name, metadata.version,
+                    segmenter.provider, workers)
         return segmenter
 
     @property
@@ -184,8 +223,8 @@ class Segmenter:
         largest = self.max_batch_size
         sizes = range(1, largest + 1) if self.provider == CUDA else sorted({1, largest})
         for _ in range(runs):
-            for n in sizes:
-                logits = self.run(np.zeros((n, 3, height, width), np.float32))
+            for n, concurrent in [(n, c) for n in sizes for c in {False, self.shared_session is not None}]:
+                logits = self.run(np.zeros((n, 3, height, width), np.float32), concurrent)
                 if logits.shape != (n, len(CLASS_NAMES), height, width):
                     raise ModelLoadError(f"the model returned {logits.shape} for an input of "
                                          f"{(n, 3, height, width)}")
@@ -194,9 +233,15 @@ class Segmenter:
         """RGB image → `(3, h, w)` float32 network input (see `InputTransform`)."""
         return self._transform(image)
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """`(N, 3, h, w)` inputs → `(N, C, h, w)` logits in the API's class order."""
-        logits = self.session.run([self.metadata.output.name], {self.metadata.input.name: images})[0]
+    def run(self, images: np.ndarray, concurrent: bool = False) -> np.ndarray:
+        """`(N, 3, h, w)` inputs → `(N, C, h, w)` logits in the API's class order.
+
+        Args:
+            images: the network inputs.
+            concurrent: another run may be going on (see the class docstring): use the shared session.
+        """
+        session = self.shared_session if concurrent and self.shared_session is not None else self.session
+        logits = session.run([self.metadata.output.name], {self.metadata.input.name: images})[0]
         return logits if self._order is None else logits[:, self._order]
 
     def postprocess(self, logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:

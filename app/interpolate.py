@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import cv2
 import numpy as np
 
 # Output elements resized per step: about 1 MiB of float32 per intermediate, whatever the image size.
 _BLOCK_ELEMENTS = 1 << 18
+#: Up to this many output pixels, OpenCV resizes each class plane whole (three planes of 16 MiB at most);
+#: larger images go in row blocks with bounded memory.
+_WHOLE_PIXELS = 1 << 22
+
+# The service runs its own worker threads; OpenCV's pool would compete with onnxruntime's for the cores.
+cv2.setNumThreads(1)
 
 
 @lru_cache(maxsize=512)
@@ -60,7 +67,10 @@ def labels_at_size(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     height, width = size
     logits = np.asarray(logits, np.float32)
-    columns = _resize_columns(logits[1:] - logits[0], width)
+    differences = logits[1:] - logits[0]
+    if height * width <= _WHOLE_PIXELS:
+        return _labels_whole(differences, size)
+    columns = _resize_columns(differences, width)
     labels = np.empty((height, width), np.uint8)
     step = max(1, _BLOCK_ELEMENTS // (columns.shape[0] * width))
     for start in range(0, height, step):
@@ -69,10 +79,35 @@ def labels_at_size(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return labels
 
 
+def _labels_whole(differences: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`labels_at_size` with OpenCV, one class plane at a time: its INTER_LINEAR is PyTorch's bilinear
+    with align_corners=False, growing or shrinking (no antialiasing), and contiguous planes keep the
+    running argmax to a few branch-free vector passes."""
+    height, width = size
+    best = labels = None
+    for c, plane in enumerate(differences, start=1):
+        resized = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+        if best is None or labels is None:
+            # No np.zeros: calloc'ed memory is fresh pages, and faulting them in costs more than the work.
+            labels = np.greater(resized, 0).view(np.uint8)
+            best = np.maximum(resized, 0, out=resized)
+            continue
+        _take(labels, c, np.greater(resized, best))
+        np.maximum(best, resized, out=best)
+    assert labels is not None  # there is at least one class besides the background
+    return labels
+
+
 def _argmax_over_zero(differences: np.ndarray, out: np.ndarray) -> None:
     """Write into `out` the argmax over `[0, differences[0], differences[1], ...]` per pixel."""
     best = np.zeros(out.shape, np.float32)
     out[...] = 0
     for c in range(differences.shape[0]):
-        np.copyto(out, c + 1, where=differences[c] > best)
+        _take(out, c + 1, differences[c] > best)
         np.maximum(best, differences[c], out=best)
+
+
+def _take(labels: np.ndarray, label: int, where: np.ndarray) -> None:
+    """`labels[where] = label` for a label above every one in `labels` so far: a branch-free maximum,
+    several times faster than a masked copy on ragged masks."""
+    np.maximum(labels, where.view(np.uint8) * np.uint8(label), out=labels)

@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.allocator import keep_buffers_on_heap
 from app.batching import MicroBatcher
 from app.config import Settings, get_settings
 from app.errors import ModelLoadError, install_error_handlers
@@ -114,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _load(state: ServiceState, limiter: anyio.CapacityLimiter) -> None:
     settings = state.settings
+    keep_buffers_on_heap(settings.malloc_mmap_threshold_mib, 4 * settings.malloc_mmap_threshold_mib)
     try:
         segmenter = await anyio.to_thread.run_sync(Segmenter.load, settings)
     except ModelLoadError as exc:
@@ -126,7 +128,7 @@ async def _load(state: ServiceState, limiter: anyio.CapacityLimiter) -> None:
         return
     batcher = MicroBatcher(segmenter.run, segmenter.max_batch_size, settings.max_wait_ms, settings.queue_size,
                            settings.retry_after_s, observe=state.metrics.observe_run,
-                           on_reject=state.metrics.rejected.inc)
+                           on_reject=state.metrics.rejected.inc, workers=segmenter.workers)
     batcher.start()
     state.metrics.watch_queue(batcher.depth)
     meta = segmenter.metadata

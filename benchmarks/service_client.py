@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,3 +193,32 @@ def bench_batch(url: str, images: list[tuple[str, bytes]], count: int, files_per
     seconds = time.perf_counter() - started
     client.close()
     return Stats(requests * files_per_request, seconds, latencies)
+
+
+#: One measurement: run it, get its images, time and latencies.
+Measure = Callable[[], "Stats"]
+
+
+def paired(first: Measure, second: Measure, pairs: int) -> tuple[list[Stats], list[Stats]]:
+    """`pairs` alternations of two measurements, so that each of one side's has a neighbour in time."""
+    a, b = [], []
+    for _ in range(pairs):
+        a.append(first())
+        b.append(second())
+    return a, b
+
+
+def ratio(measured: list[Stats], reference: list[Stats]) -> float:
+    """Median over the pairs of measured / reference throughput."""
+    return statistics.median(m.throughput / r.throughput for m, r in zip(measured, reference, strict=True))
+
+
+def median_throughput(stats: list[Stats]) -> float:
+    """Median images per second of the measurements."""
+    return statistics.median(s.throughput for s in stats)
+
+
+def latency(stats: list[Stats]) -> str:
+    """`p50 / p99` in ms over every request (or run) of the measurements."""
+    pooled = Stats.pool(stats)
+    return f"{pooled.p50:.0f} / {pooled.p99:.0f}"

@@ -66,6 +66,7 @@ class TrainConfig:
     threads: int = 0               # 0 = torch default
     out: str = "runs/default"
     resume: str | None = None
+    init: str | None = None        # checkpoint whose weights start a new run (fine-tuning)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"base_channels": self.base_channels, "depth": self.depth}
@@ -170,6 +171,22 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tmp.replace(path)
 
 
+def init_weights(model: nn.Module, path: str, device: torch.device) -> None:
+    """Start from the weights of another run's checkpoint (fine-tuning: new optimizer, schedule, input
+    size and log; the architecture must be the same).
+
+    Raises:
+        ValueError: when the checkpoint holds another architecture or width.
+    """
+    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: its weights do not fit this model ({exc})") from exc
+    logger.info("initialised from %s (epoch %d of %s)", path, int(state["epoch"]) + 1,
+                state["config"].get("out"))
+
+
 def resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
                  device: torch.device) -> tuple[int, float, int, dict[str, float]]:
     """Load `cfg.resume` into the model and optimizer; recover the best result so far.
@@ -240,6 +257,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.init and not cfg.resume:
+        init_weights(model, cfg.init, device)
     start, best, best_epoch, best_scores = resume_state(cfg, model, optimizer, out, device)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",
@@ -297,6 +316,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    help="mixed precision: auto = fp16 on CUDA, off on CPU")
     p.add_argument("--out", default=defaults.out, help="run folder for checkpoints and log")
     p.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from")
+    p.add_argument("--init", default=None,
+                   help="checkpoint whose weights start this run (fine-tuning with a fresh optimizer "
+                        "and schedule, e.g. at a larger --input-size)")
     args = vars(p.parse_args(argv))
     args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
     args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)

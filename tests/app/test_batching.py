@@ -20,7 +20,7 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, concurrent: bool = False) -> np.ndarray:
         self.gate.wait()
         self.sizes.append(len(batch))
         return batch[:, :1] * 2
@@ -108,7 +108,7 @@ def test_stopping_finishes_queued_jobs_then_refuses_new_ones(recorder: Recorder)
 def test_a_failing_run_fails_its_jobs_only(recorder: Recorder) -> None:
     calls = []
 
-    def flaky(batch: np.ndarray) -> np.ndarray:
+    def flaky(batch: np.ndarray, concurrent: bool) -> np.ndarray:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("device lost")
@@ -120,3 +120,45 @@ def test_a_failing_run_fails_its_jobs_only(recorder: Recorder) -> None:
         b.submit(image(1)).result(timeout=30)
     assert b.submit(image(2)).result(timeout=30).batch_size == 1
     b.stop(timeout=10)
+
+
+def test_two_workers_run_two_jobs_at_once_and_say_so() -> None:
+    inside = threading.Barrier(2, timeout=20)  # breaks unless two runs are in progress together
+    flags: list[bool] = []
+
+    def run(batch: np.ndarray, concurrent: bool) -> np.ndarray:
+        flags.append(concurrent)
+        if len(flags) <= 2:
+            inside.wait()
+        return batch[:, :1]
+
+    b = MicroBatcher(run, max_batch_size=1, max_wait_ms=0, queue_size=8, workers=2)
+    first, second = b.submit(image(1)), b.submit(image(2))  # both queued before the workers start
+    b.start()
+    assert first.result(timeout=30).batch_size == second.result(timeout=30).batch_size == 1
+    assert flags == [True, True], "each run knew the other was going on"
+    b.submit(image(3)).result(timeout=30)
+    assert flags[2] is False, "a run that starts alone is told so"
+    assert b.workers == 2
+    b.stop(timeout=10)
+
+
+def test_one_worker_never_overlaps_runs(recorder: Recorder) -> None:
+    flags: list[bool] = []
+
+    def run(batch: np.ndarray, concurrent: bool) -> np.ndarray:
+        flags.append(concurrent)
+        return batch[:, :1]
+
+    b = MicroBatcher(run, max_batch_size=1, max_wait_ms=0, queue_size=8)
+    pending = [b.submit(image(i)) for i in range(3)]
+    b.start()
+    for future in pending:
+        future.result(timeout=30)
+    assert flags == [False] * 3
+    b.stop(timeout=10)
+
+
+def test_workers_must_be_positive(recorder: Recorder) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(recorder, max_batch_size=1, max_wait_ms=0, queue_size=1, workers=0)

@@ -32,7 +32,8 @@ def test_logit_resize_and_argmax_match_pytorch(source: tuple[int, int], target: 
     assert (got != expected).mean() < 1e-4  # only exact ties, decided in float rounding, may differ
 
 
-@pytest.mark.parametrize("size", [(300, 300), (120, 120), (97, 211)], ids=["shrink", "grow", "odd"])
+@pytest.mark.parametrize("size", [(300, 300), (120, 120), (97, 211), (40, 23), (20, 100)],
+                         ids=["shrink", "shrink-less", "odd", "grow", "grow-one-axis"])
 def test_preprocessing_matches_training(tiny_model_dir: Path, size: tuple[int, int]) -> None:
     pytest.importorskip("torch")
     from model_training.transforms import normalize, resize_image, to_tensor

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from service_support import problem, running
 
 from app import inference
 from app.config import Settings
 from app.errors import ModelLoadError
-from app.inference import CPU, CUDA, batch_size_for, requested_providers
+from app.inference import CPU, CUDA, Segmenter, batch_size_for, inference_workers_for, requested_providers
 
 
 @pytest.fixture
@@ -75,3 +76,27 @@ def test_on_the_cpu_concurrent_requests_run_one_by_one_by_default(
         text = client.get("/metrics").text
     assert "wbc_inference_batch_size_sum 4.0" in text
     assert "wbc_inference_batch_size_count 4.0" in text
+
+
+@pytest.mark.parametrize(("configured", "provider", "cpus", "expected"), [
+    (None, CPU, 2, 2), (None, CPU, 16, 2), (None, CPU, 1, 1), (None, CUDA, 16, 1), (3, CPU, 2, 3),
+    (2, CUDA, 8, 2),
+], ids=["cpu-auto", "many-cpus", "one-cpu", "cuda-auto", "cpu-set", "cuda-set"])
+def test_inference_workers_follow_the_provider_unless_set(configured: int | None, provider: str, cpus: int,
+                                                          expected: int) -> None:
+    assert inference_workers_for(configured, provider, cpus) == expected
+
+
+def test_overlapping_runs_use_a_session_with_a_share_of_the_threads(
+        settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "available_cpus", lambda: 4)
+    segmenter = Segmenter.load(settings_for(intra_op_threads=4, inference_workers=2))
+    assert segmenter.workers == 2 and segmenter.shared_session is not None
+    assert segmenter.shared_session is not segmenter.session
+    x = np.random.default_rng(0).standard_normal((1, 3, *segmenter.input_size)).astype(np.float32)
+    alone, overlapping = segmenter.run(x, concurrent=False), segmenter.run(x, concurrent=True)
+    assert np.allclose(alone, overlapping, atol=1e-5), "both sessions hold the same model"
+
+    single = Segmenter.load(settings_for(intra_op_threads=4, inference_workers=1))
+    assert single.workers == 1 and single.shared_session is None
+    assert np.allclose(single.run(x, concurrent=True), alone, atol=1e-5)

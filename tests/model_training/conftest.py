@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from training_support import TinyExport, TinyRun
 
 from model_training import evaluate, export
 from model_training.train import SYNTHETIC_LR, TrainConfig, train
@@ -36,33 +36,6 @@ def tiny_config() -> Callable[..., TrainConfig]:
     """`tiny_config(out, **overrides)`: two synthetic epochs of a tiny U-Net at 64 px, as `--synthetic`
     runs them."""
     return _tiny_config
-
-
-@dataclass
-class TinyRun:
-    """A finished training run: its folder, config and the dictionary `train` returned."""
-
-    out: Path
-    config: TrainConfig
-    result: dict[str, Any]
-
-    @property
-    def best(self) -> Path:
-        return self.out / "best.pt"
-
-
-@dataclass
-class TinyExport:
-    """`wbc-export`'s output for the tiny run: its folder, return code and what it printed."""
-
-    out: Path
-    returncode: int
-    stdout: str
-    evaluation_report: dict[str, Any]
-
-    @property
-    def onnx(self) -> Path:
-        return self.out / "model.onnx"
 
 
 @pytest.fixture(scope="session")

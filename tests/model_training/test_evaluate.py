@@ -19,7 +19,7 @@ from model_training.synthetic import make_samples
 from model_training.train import TrainConfig, load_data
 
 if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from conftest import TinyExport, TinyRun
+    from training_support import TinyExport, TinyRun
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from model_training.export import (
 from model_training.transforms import MEAN, STD
 
 if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from conftest import TinyExport, TinyRun
+    from training_support import TinyExport, TinyRun
 
 
 def test_export_writes_an_onnx_model_with_dynamic_size_and_batch(tiny_export: TinyExport) -> None:

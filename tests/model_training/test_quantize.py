@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from conftest import TinyExport
 from fastapi.testclient import TestClient
 from PIL import Image
+from training_support import TinyExport
 
 from app.config import Settings
 from app.main import create_app

@@ -13,8 +13,8 @@ import torch
 
 from model_training.train import LOG_FIELDS, TrainConfig, load_data, lr_factor, open_log, train
 
-if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from conftest import TinyRun
+if TYPE_CHECKING:  # fixture types only
+    from training_support import TinyRun
 
 
 def _log(folder: Path) -> list[dict[str, str]]:
@@ -76,6 +76,32 @@ def test_resume_into_a_new_folder_keeps_the_best_checkpoint(
     assert result["epochs_run"] == 0
     assert result["best_epoch"] == tiny_run.result["best_epoch"]
     assert (tmp_path / "best.pt").exists()
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(
+        tiny_run: TinyRun, tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    # A rate of zero leaves the weights as they were loaded (batch-norm statistics still move): the
+    # new run's are the old run's best.
+    result = train(tiny_config(tmp_path, epochs=1, lr=0.0, init=str(tiny_run.best)))
+
+    started = torch.load(tiny_run.best, weights_only=False)
+    ended = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert result["epochs_run"] == 1 and ended["epoch"] == 0, "a new run counts its own epochs"
+    assert ended["config"]["init"] == str(tiny_run.best)
+    weights = [name for name in started["model"] if "running_" not in name and "num_batches" not in name]
+    assert weights
+    for name in weights:
+        assert torch.equal(ended["model"][name], started["model"][name]), name
+    train(tiny_config(tmp_path / "fresh", epochs=1, lr=0.0))
+    fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
+    assert not all(torch.equal(fresh[name], started["model"][name]) for name in weights), \
+        "without init the same seed starts elsewhere"
+
+
+def test_init_refuses_weights_of_another_architecture(
+        tiny_run: TinyRun, tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        train(tiny_config(tmp_path, model="attention_unet", init=str(tiny_run.best)))
 
 
 def test_open_log_keeps_only_the_epochs_before_the_resumed_one(tmp_path: Path) -> None:

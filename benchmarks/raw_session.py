@@ -1,0 +1,102 @@
+"""The model in the benchmark's own process: the baseline the service is measured against."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.config import Settings
+from app.imaging import decode_image
+from app.inference import InputTransform, session_options
+from app.interpolate import labels_at_size
+from app.measure import measure
+from app.model_meta import load_metadata
+from benchmarks.service_client import Stats, timed
+
+
+class RawSession:
+    """The model in this process: onnxruntime with the service's session options, no service around it."""
+
+    def __init__(self, model: Path, settings: Settings, images: list[tuple[str, bytes]]) -> None:
+        self.transform = InputTransform.from_metadata(load_metadata(model.with_name("model.json")))
+        self.session = ort.InferenceSession(str(model), session_options(settings),
+                                            providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        # The other way to use two cores: a session on one thread, called from several threads at once.
+        self.one_thread = ort.InferenceSession(str(model), session_options(settings, 1),
+                                               providers=["CPUExecutionProvider"])
+        self.images = images
+        self.tensors = [self.transform(decode_image(data, 10**9)) for _, data in images]
+
+    def bench(self, count: int, batch: int) -> Stats:
+        """`count` images in runs of `batch` (inputs stacked beforehand: only the runs are timed)."""
+        inputs = [np.stack([self.tensors[(r * batch + i) % len(self.tensors)] for i in range(batch)])
+                  for r in range(len(self.tensors))]
+        self.session.run(None, {self.input: inputs[0]})
+        latencies = []
+        started = time.perf_counter()
+        for r in range(max(1, count // batch)):
+            x = inputs[r % len(inputs)]
+            latencies.append(timed(lambda: self.session.run(None, {self.input: x})))  # noqa: B023
+        return Stats(len(latencies) * batch, time.perf_counter() - started, latencies)
+
+
+    def bench_side_by_side(self, count: int, callers: int) -> Stats:
+        """`count` images, one per run, from `callers` threads at once on the one-thread session."""
+        latencies: list[float] = []
+        self.one_thread.run(None, {self.input: self.tensors[0][None]})
+
+        def loop(offset: int) -> None:
+            for i in range(count // callers):
+                x = self.tensors[(offset + i) % len(self.tensors)][None]
+                latencies.append(timed(lambda: self.one_thread.run(None, {self.input: x})))  # noqa: B023
+
+        threads = [threading.Thread(target=loop, args=(k,)) for k in range(callers)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return Stats(len(latencies), time.perf_counter() - started, latencies)
+
+    def bench_pipeline(self, count: int) -> Stats:
+        """`count` images, one at a time, through everything the service does to one outside HTTP:
+        decode, preprocess, run, logits to a full-size mask, measure."""
+        def one(data: bytes) -> None:
+            image = decode_image(data, 10**9)
+            logits = self.session.run(None, {self.input: self.transform(image)[None]})[0]
+            measure(labels_at_size(logits[0], (image.height, image.width)))
+
+        latencies = []
+        started = time.perf_counter()
+        for i in range(count):
+            data = self.images[i % len(self.images)][1]
+            latencies.append(timed(lambda: one(data)))  # noqa: B023
+        return Stats(count, time.perf_counter() - started, latencies)
+
+
+    def stage_costs(self, rounds: int = 10) -> dict[str, float]:
+        """CPU milliseconds per image of each stage of the in-process pipeline, over every image."""
+        spent: dict[str, float] = {}
+
+        def clock(name: str, function: Callable[..., Any], *args: Any) -> Any:
+            started = time.process_time()
+            result = function(*args)
+            spent[name] = spent.get(name, 0.0) + time.process_time() - started
+            return result
+
+        for _ in range(rounds):
+            for _, data in self.images:
+                image = clock("decode", decode_image, data, 10**9)
+                x = clock("preprocess", self.transform, image)
+                logits = clock("session run", self.session.run, None, {self.input: x[None]})[0]
+                mask = clock("mask at full size", labels_at_size, logits[0], (image.height, image.width))
+                clock("measure", measure, mask)
+        count = rounds * len(self.images)
+        return {name: seconds * 1000 / count for name, seconds in spent.items()}
