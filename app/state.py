@@ -64,13 +64,15 @@ class ServiceState:
         return self.pipeline
 
 
-def get_state(request: Request) -> ServiceState:
+# Both dependencies are `async def` although they only read attributes: FastAPI runs a plain `def`
+# dependency on a worker thread, two thread hops per dependency on every request's critical path.
+async def get_state(request: Request) -> ServiceState:
     """The running app's state."""
     state: ServiceState = request.app.state.service
     return state
 
 
-def get_pipeline(state: Annotated[ServiceState, Depends(get_state)]) -> Pipeline:
+async def get_pipeline(state: Annotated[ServiceState, Depends(get_state)]) -> Pipeline:
     """The pipeline, or 503 when the model is not loaded."""
     return state.require_pipeline()
 

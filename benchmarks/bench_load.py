@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from app.allocator import keep_buffers_on_heap  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.imaging import decode_image  # noqa: E402
 from app.inference import InputTransform, session_options  # noqa: E402
@@ -114,6 +115,7 @@ class RawSession:
         meta = load_metadata(model.with_name("model.json"))
         transform = InputTransform.from_metadata(meta)
         settings = Settings(model_path=model)
+        keep_buffers_on_heap(settings.malloc_mmap_threshold_mib, 4 * settings.malloc_mmap_threshold_mib)
         self.session = ort.InferenceSession(str(model), session_options(settings),
                                             providers=["CPUExecutionProvider"])
         self.name = meta.input.name
