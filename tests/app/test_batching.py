@@ -162,3 +162,20 @@ def test_one_worker_never_overlaps_runs(recorder: Recorder) -> None:
 def test_workers_must_be_positive(recorder: Recorder) -> None:
     with pytest.raises(ValueError, match="workers"):
         MicroBatcher(recorder, max_batch_size=1, max_wait_ms=0, queue_size=1, workers=0)
+
+
+def test_a_follow_up_runs_on_the_worker_and_its_value_or_error_is_the_jobs(batcher: MicroBatcher) -> None:
+    threads: list[str] = []
+
+    def then(result: object) -> str:
+        threads.append(threading.current_thread().name)
+        return "finished"
+
+    def broken(result: object) -> str:
+        raise ValueError("cannot encode")
+
+    assert batcher.submit(image(1), then=then).result(timeout=30) == "finished"
+    assert threads == ["wbc-inference-0"]
+    with pytest.raises(ValueError, match="cannot encode"):
+        batcher.submit(image(2), then=broken).result(timeout=30)
+    assert batcher.submit(image(3)).result(timeout=30).batch_size == 1, "the worker goes on"

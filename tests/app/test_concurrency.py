@@ -111,3 +111,15 @@ def test_a_batch_runs_in_groups_of_the_batch_size(settings_for: Callable[..., Se
         assert [r["filename"] for r in body["results"]] == [f"{i}.png" for i in range(5)]
         assert metric(client, "wbc_inference_batch_size_sum") - images_before == 5
         assert metric(client, "wbc_inference_batch_size_count") - runs_before == 3
+
+
+def test_one_or_two_inference_workers_give_the_same_answers(settings_for: Callable[..., Settings],
+                                                           png_bytes: bytes) -> None:
+    answers = []
+    for workers in (1, 2):
+        with running(settings_for(inference_workers=workers)) as client:
+            masks = [client.post("/v1/segment?format=png", files=upload(png_bytes)) for _ in range(2)]
+            body = client.post("/v1/segment", files=upload(png_bytes)).json()
+            answers.append((png_array(masks[0].content).tolist(), body["areas_px"]))
+            assert png_array(masks[1].content).tolist() == answers[-1][0]
+    assert answers[0] == answers[1]
