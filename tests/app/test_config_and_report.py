@@ -69,3 +69,10 @@ def test_safe_stems_are_plain_ascii_names(name: str, stem: str) -> None:
 
 def test_unique_stems_number_repeats_case_insensitively() -> None:
     assert unique_stems(["a.png", "a.tif", "A.jpg", "a_2.png", "b.png"]) == ["a", "a_2", "A_3", "a_2_2", "b"]
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("<!-- section:config -->"):]
+    missing = [name for name in Settings.model_fields if f"`WBC_{name.upper()}`" not in table]
+    assert not missing, f"settings without a row in the README's configuration table: {missing}"
