@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from service_support import copy_model, encode, png_array, running, sample_rgb, upload
 
+from app import interpolate
 from app.config import Settings
 from app.inference import InputTransform
 from app.interpolate import labels_at_size
@@ -22,8 +23,13 @@ from app.model_meta import load_metadata
                                                 ((160, 160), (120, 120)), ((64, 64), (1, 1)),
                                                 ((5, 7), (33, 2))],
                          ids=["up", "up-odd", "down", "one-pixel", "tiny"])
-def test_logit_resize_and_argmax_match_pytorch(source: tuple[int, int], target: tuple[int, int]) -> None:
+@pytest.mark.parametrize("path", ["whole", "row-blocks"])
+def test_logit_resize_and_argmax_match_pytorch(source: tuple[int, int], target: tuple[int, int], path: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
+    if path == "row-blocks":  # the bounded-memory path of images above a few megapixels
+        monkeypatch.setattr(interpolate, "_WHOLE_PIXELS", 0)
+        monkeypatch.setattr(interpolate, "_BLOCK_ELEMENTS", 4096)
     logits = np.random.default_rng(0).standard_normal((3, *source)).astype(np.float32)
     expected = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=target, mode="bilinear",
                                                align_corners=False)[0].argmax(0).numpy()
