@@ -84,17 +84,14 @@ def _labels_whole(differences: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     with align_corners=False, growing or shrinking (no antialiasing), and contiguous planes keep the
     running argmax to a few branch-free vector passes."""
     height, width = size
-    best = labels = None
-    for c, plane in enumerate(differences, start=1):
-        resized = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
-        if best is None or labels is None:
-            # No np.zeros: calloc'ed memory is fresh pages, and faulting them in costs more than the work.
-            labels = np.greater(resized, 0).view(np.uint8)
-            best = np.maximum(resized, 0, out=resized)
-            continue
-        _take(labels, c, np.greater(resized, best))
-        np.maximum(best, resized, out=best)
-    assert labels is not None  # there is at least one class besides the background
+    resized = [cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR) for plane in differences]
+    # The first plane starts the running argmax; no np.zeros: calloc'ed memory is fresh pages, and
+    # faulting them in costs more than the work.
+    labels = np.greater(resized[0], 0).view(np.uint8)
+    best = np.maximum(resized[0], 0, out=resized[0])
+    for c, plane in enumerate(resized[1:], start=2):
+        _take(labels, c, np.greater(plane, best))
+        np.maximum(best, plane, out=best)
     return labels
 
 

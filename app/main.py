@@ -115,7 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _load(state: ServiceState, limiter: anyio.CapacityLimiter) -> None:
     settings = state.settings
-    keep_buffers_on_heap(settings.malloc_mmap_threshold_mib, 4 * settings.malloc_mmap_threshold_mib)
+    keep_buffers_on_heap(settings.malloc_mmap_threshold_mib)
     try:
         segmenter = await anyio.to_thread.run_sync(Segmenter.load, settings)
     except ModelLoadError as exc:

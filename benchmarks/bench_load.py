@@ -34,14 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
-from app.allocator import keep_buffers_on_heap  # noqa: E402
 from app.config import Settings  # noqa: E402
-from app.imaging import decode_image  # noqa: E402
-from app.inference import InputTransform, session_options  # noqa: E402
-from app.model_meta import load_metadata  # noqa: E402
-from benchmarks.service_client import Server, multipart, peak_rss_mib  # noqa: E402
+from benchmarks.raw_session import RawSession  # noqa: E402
+from benchmarks.service_client import Server, multipart, peak_rss_mib, run_together  # noqa: E402
 
 CONCURRENCY = (1, 2, 8, 32)
 #: Micro-batching on (runs of up to 8 images, waiting up to 5 ms for company) and off.
@@ -98,42 +94,24 @@ def drive(url: str, path: str, bodies: list[tuple[bytes, str]], images_per_reque
                 load.images += images_per_request if response.status == 200 else 0
         connection.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    load.seconds = time.perf_counter() - started
+    load.seconds = run_together(client, concurrency)
     return load
 
 
-class RawSession:
-    """The model alone in this process: the service's session options, inputs preprocessed beforehand."""
-
-    def __init__(self, model: Path, files: list[tuple[str, bytes]]) -> None:
-        meta = load_metadata(model.with_name("model.json"))
-        transform = InputTransform.from_metadata(meta)
-        settings = Settings(model_path=model)
-        keep_buffers_on_heap(settings.malloc_mmap_threshold_mib, 4 * settings.malloc_mmap_threshold_mib)
-        self.session = ort.InferenceSession(str(model), session_options(settings),
-                                            providers=["CPUExecutionProvider"])
-        self.name = meta.input.name
-        self.tensors = [transform(decode_image(data, 10**9)) for _, data in files]
-
-    def run(self, batch: int, images: int, budget_s: float) -> Load:
-        inputs = np.stack([self.tensors[i % len(self.tensors)] for i in range(batch)])
-        self.session.run(None, {self.name: inputs})
-        load = Load()
-        deadline = time.monotonic() + budget_s
-        started = time.perf_counter()
-        while load.images < images and time.monotonic() < deadline:
-            began = time.perf_counter()
-            self.session.run(None, {self.name: inputs})
-            load.latencies.append(time.perf_counter() - began)
-            load.images += batch
-        load.seconds = time.perf_counter() - started
-        return load
+def raw_load(raw: RawSession, batch: int, images: int, budget_s: float) -> Load:
+    """The raw session in runs of `batch` until `images` are done or `budget_s` passed."""
+    inputs = np.stack([raw.tensors[i % len(raw.tensors)] for i in range(batch)])
+    raw.session.run(None, {raw.input: inputs})
+    load = Load()
+    deadline = time.monotonic() + budget_s
+    started = time.perf_counter()
+    while load.images < images and time.monotonic() < deadline:
+        began = time.perf_counter()
+        raw.session.run(None, {raw.input: inputs})
+        load.latencies.append(time.perf_counter() - began)
+        load.images += batch
+    load.seconds = time.perf_counter() - started
+    return load
 
 
 def measure(args: argparse.Namespace, files: list[tuple[str, bytes]]) -> dict[str, Any]:
@@ -141,7 +119,7 @@ def measure(args: argparse.Namespace, files: list[tuple[str, bytes]]) -> dict[st
     single = [multipart([("file", name, data)]) for name, data in files]
     batch = [multipart([("files", *files[(r + i) % len(files)]) for i in range(args.batch_files)])
              for r in range(len(files))]
-    raw = RawSession(args.model, files)
+    raw = RawSession(args.model, Settings(model_path=args.model), files)
     results: dict[str, list[Load]] = {}
     env = {"WBC_LOG_LEVEL": "WARNING"}
     with Server(args.model, {**env, **MODES["on"]}) as on, Server(args.model, {**env, **MODES["off"]}) as off:
@@ -150,7 +128,7 @@ def measure(args: argparse.Namespace, files: list[tuple[str, bytes]]) -> dict[st
             server.warm(files)
         for _ in range(args.rounds):
             for b in sorted({1, int(MODES["on"]["WBC_MAX_BATCH_SIZE"]), args.batch_files}):
-                results.setdefault(f"raw|{b}", []).append(raw.run(b, args.images, args.budget_s))
+                results.setdefault(f"raw|{b}", []).append(raw_load(raw, b, args.images, args.budget_s))
             for c in args.concurrency:
                 for mode, server in servers.items():
                     results.setdefault(f"single|{c}|{mode}", []).append(

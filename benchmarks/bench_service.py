@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO))
 
 import onnxruntime as ort  # noqa: E402
 
-from app.allocator import keep_buffers_on_heap  # noqa: E402
 from app.config import Settings, available_cpus  # noqa: E402
 from app.inference import CPU, batch_size_for, inference_workers_for  # noqa: E402
 from app.model_meta import load_metadata  # noqa: E402
@@ -116,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images = load_images(args.images)
     settings = Settings(model_path=args.model)
-    # The raw session and the in-process pipeline get the service's allocator settings too.
-    keep_buffers_on_heap(settings.malloc_mmap_threshold_mib, 4 * settings.malloc_mmap_threshold_mib)
     meta = load_metadata(args.model.with_name("model.json"))
     report = [f"Model {meta.name} {meta.version} (`{args.model.name}`, input {meta.input.size}); "
               f"{len(images)} images ({', '.join(n for n, _ in images)}); {args.requests} images per "

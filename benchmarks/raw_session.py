@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from app.allocator import keep_buffers_on_heap
 from app.config import Settings
 from app.imaging import decode_image
 from app.inference import InputTransform, session_options
 from app.interpolate import labels_at_size
 from app.measure import measure
 from app.model_meta import load_metadata
-from benchmarks.service_client import Stats, timed
+from benchmarks.service_client import Stats, run_together, timed
 
 
 class RawSession:
     """The model in this process: onnxruntime with the service's session options, no service around it."""
 
     def __init__(self, model: Path, settings: Settings, images: list[tuple[str, bytes]]) -> None:
+        # The service's allocator settings too: the baseline pays for its buffers as the service does.
+        keep_buffers_on_heap(settings.malloc_mmap_threshold_mib)
+        self.model, self.settings = model, settings
         self.transform = InputTransform.from_metadata(load_metadata(model.with_name("model.json")))
         self.session = ort.InferenceSession(str(model), session_options(settings),
                                             providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        # The other way to use two cores: a session on one thread, called from several threads at once.
-        self.one_thread = ort.InferenceSession(str(model), session_options(settings, 1),
-                                               providers=["CPUExecutionProvider"])
         self.images = images
         self.tensors = [self.transform(decode_image(data, 10**9)) for _, data in images]
 
@@ -46,6 +47,11 @@ class RawSession:
             latencies.append(timed(lambda: self.session.run(None, {self.input: x})))  # noqa: B023
         return Stats(len(latencies) * batch, time.perf_counter() - started, latencies)
 
+    @cached_property
+    def one_thread(self) -> ort.InferenceSession:
+        """The other way to use two cores: a session on one thread, called from several threads at once."""
+        return ort.InferenceSession(str(self.model), session_options(self.settings, 1),
+                                    providers=["CPUExecutionProvider"])
 
     def bench_side_by_side(self, count: int, callers: int) -> Stats:
         """`count` images, one per run, from `callers` threads at once on the one-thread session."""
@@ -57,13 +63,8 @@ class RawSession:
                 x = self.tensors[(offset + i) % len(self.tensors)][None]
                 latencies.append(timed(lambda: self.one_thread.run(None, {self.input: x})))  # noqa: B023
 
-        threads = [threading.Thread(target=loop, args=(k,)) for k in range(callers)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return Stats(len(latencies), time.perf_counter() - started, latencies)
+        seconds = run_together(loop, callers)  # before len(latencies): the loops fill it
+        return Stats(len(latencies), seconds, latencies)
 
     def bench_pipeline(self, count: int) -> Stats:
         """`count` images, one at a time, through everything the service does to one outside HTTP:

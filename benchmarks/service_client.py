@@ -151,6 +151,17 @@ class Client:
         self.connection.close()
 
 
+def run_together(loop: Callable[[int], Any], count: int) -> float:
+    """Seconds for `count` threads running `loop(k)`, k = 0 … count − 1, all started together."""
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def bench_single(url: str, images: list[tuple[str, bytes]], count: int, concurrency: int) -> Stats:
     """`count` single-image requests (JSON answer) from `concurrency` clients, each in a loop."""
     bodies = [multipart([("file", name, data)]) for name, data in images]
@@ -166,13 +177,7 @@ def bench_single(url: str, images: list[tuple[str, bytes]], count: int, concurre
             latencies.append(time.perf_counter() - started)
         client.close()
 
-    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return Stats(per_client * concurrency, time.perf_counter() - started, latencies)
+    return Stats(per_client * concurrency, run_together(client_loop, concurrency), latencies)
 
 
 def bench_batch(url: str, images: list[tuple[str, bytes]], count: int, files_per_request: int) -> Stats:
