@@ -82,4 +82,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health/ready' % os.environ['WBC_PORT'], timeout=4)"]
 # `exec`: uvicorn replaces the shell, so SIGTERM reaches it and it drains requests in flight. The app
 # logs every request itself (with its id), so uvicorn's access log would only repeat it.
-CMD ["sh", "-c", "exec uvicorn app.main:create_app --factory --host \"$WBC_HOST\" --port \"$WBC_PORT\" --no-access-log"]
+CMD ["sh", "-c", "exec uvicorn app.api.main:create_app --factory --host \"$WBC_HOST\" --port \"$WBC_PORT\" --no-access-log"]

@@ -1,4 +1,2 @@
-"""The WBC segmentation service: FastAPI + onnxruntime + numpy + Pillow (never torch)."""
-
-#: Class ids of the public API, in this order in every mask, response and report.
-CLASS_NAMES: tuple[str, ...] = ("background", "cytoplasm", "nucleus")
+"""The WBC segmentation service: the engine (`app.engine`: numpy, Pillow, onnxruntime, never torch), the
+HTTP API around it (`app.api`) and the folder command (`app.cli`)."""

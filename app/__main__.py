@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `--host`/`--port` (defaults from the settings) and serve until stopped."""
     import uvicorn
 
-    from app.config import get_settings
+    from app.api.settings import get_settings
 
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve the WBC segmenter.")
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # one instead of the default, a graceful stop exits 0 rather than "killed by SIGTERM" (143).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     # The app logs every request itself, with its id, so uvicorn's access log would only repeat it.
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, access_log=False,
+    uvicorn.run("app.api.main:create_app", factory=True, host=args.host, port=args.port, access_log=False,
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
                 log_level=settings.log_level.lower())
     return 0

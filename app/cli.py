@@ -10,11 +10,9 @@ files included with their error. Exit status: 0 when every image was segmented, 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +21,8 @@ from typing import Any
 from tqdm import tqdm
 
 from app.cli_backends import Backend, FatalError, FileResult, LocalBackend, RemoteBackend
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-REGIONS = ("nucleus", "cytoplasm", "cell")
-# The columns of the service's batch `results.csv`, with `filename` the path under INPUT_DIR, plus `overlay`.
-CSV_COLUMNS = ("filename", "width", "height", *(f"area_{r}_px" for r in REGIONS),
-               *(f"area_{r}_um2" for r in REGIONS), *(f"fraction_{r}" for r in REGIONS),
-               "nc_ratio", "mask", "overlay", "error")
-_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+from app.engine.imaging import IMAGE_SUFFIXES
+from app.engine.report import csv_row, error_text, write_csv
 
 
 @dataclass
@@ -81,38 +73,23 @@ def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | Non
 
 
 def output_names(relative: list[Path]) -> dict[Path, Path]:
-    """`a/b.png` → `a/b`: where its outputs go, the suffix dropped unless two files would then collide."""
-    stems = Counter(p.with_suffix("") for p in relative)
-    return {p: p.with_suffix("") if stems[p.with_suffix("")] == 1 else p.with_name(p.name.replace(".", "_"))
-            for p in relative}
-
-
-def csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    """One flat CSV row of a `results.json` record."""
-    name = record["file"]
-    row: dict[str, Any] = {"filename": "'" + name if name.startswith(_CSV_FORMULA_START) else name,
-                           "mask": record.get("mask") or "", "overlay": record.get("overlay") or "",
-                           "error": error_text(record.get("error"))}
-    if record.get("error"):
-        return row
-    row.update(width=record["width"], height=record["height"], nc_ratio=_num(record["nc_ratio"]))
-    for region in REGIONS:
-        row[f"area_{region}_px"] = record["areas_px"][region]
-        row[f"area_{region}_um2"] = _num(record["areas_um2"][region]) if record["areas_um2"] else ""
-        row[f"fraction_{region}"] = _num(record["fractions"][region])
-    return row
-
-
-def error_text(error: dict[str, Any] | None) -> str:
-    """`415 The file is not a PNG, ...`: the status and detail of a failure, as in the service's CSV."""
-    if not error:
-        return ""
-    prefix = error["status"] if error.get("status") else f"{error['title']}:"
-    return f"{prefix} {error['detail']}"
-
-
-def _num(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
+    """`a/b.png` → `a/b`: where its outputs go; the suffix is kept (`a/b_png`) where two inputs share a
+    stem, and a number added where even that would collide (`a.png` and `a_png.bmp`), so that no input's
+    outputs overwrite another's."""
+    stems: dict[Path, int] = {}
+    for p in relative:
+        stems[p.with_suffix("")] = stems.get(p.with_suffix(""), 0) + 1
+    taken: set[str] = set()
+    names = {}
+    for p in relative:
+        name = p.with_suffix("") if stems[p.with_suffix("")] == 1 else p.with_name(p.name.replace(".", "_"))
+        candidate, n = name, 1
+        while candidate.as_posix().lower() in taken:
+            n += 1
+            candidate = name.with_name(f"{name.name}_{n}")
+        taken.add(candidate.as_posix().lower())
+        names[p] = candidate
+    return names
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -185,9 +162,8 @@ def _finish(job: FolderJob, backend: Backend, records: list[dict[str, Any]], sec
     job.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = job.output_dir / "results.csv", job.output_dir / "results.json"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_row(r) for r in records)
+        write_csv((csv_row({**r, "filename": r["file"]}, r.get("mask") or "", r.get("overlay") or "")
+                   for r in records), f)
     failures = [(r["file"], error_text(r["error"])) for r in records if r.get("error")]
     document = {"count": len(records), "failed": len(failures), "pixel_size_um": job.pixel_size_um,
                 "model": backend.model, "source": job.url or "in-process", "seconds": round(seconds, 3),

@@ -1,7 +1,7 @@
 """Where `wbc-segment` segments its images: the model in this process, or a running service over HTTP.
 
 Both return, per file, the service's own JSON for it (a result, or `{"filename", "error"}`) and the
-encoded mask and overlay, made by the same `app.imaging` code the service uses.
+encoded mask and overlay, made by the same engine code the service uses.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.config import Settings
-from app.errors import ModelLoadError, ServiceError
-from app.imaging import decode_image, encode_mask_png, encode_overlay_png
-from app.inference import Segmenter
-from app.measure import Measurements, measure
+from app.api.settings import Settings
+from app.engine import Engine, Options, Upload
+from app.engine.errors import ModelLoadError
+from app.engine.imaging import decode_image, encode_overlay_png
+from app.engine.report import item_document
 
 _MAX_RETRY_AFTER_S = 30.0
 
@@ -52,14 +52,6 @@ def failure(filename: str, status: int | None, title: str, detail: str) -> FileR
     return FileResult({"filename": filename, "error": {"status": status, "title": title, "detail": detail}})
 
 
-def result_record(filename: str, m: Measurements, model: dict[str, str],
-                  inference_ms: float) -> dict[str, Any]:
-    """The single-image JSON of the API for measurements made here."""
-    return {"filename": filename, "width": m.width, "height": m.height, "areas_px": m.areas_px,
-            "areas_um2": m.areas_um2, "fractions": m.fractions, "nc_ratio": m.nc_ratio, "model": model,
-            "inference_ms": round(inference_ms, 3)}
-
-
 def _read(path: Path) -> bytes | FileResult:
     try:
         return path.read_bytes()
@@ -68,7 +60,7 @@ def _read(path: Path) -> bytes | FileResult:
 
 
 class LocalBackend:
-    """The shipped ONNX model, run in this process through the service's own `Segmenter`."""
+    """The model in this process, through the same `Engine` the service runs."""
 
     def __init__(self, model_path: Path | None, device: str | None, batch_size: int, overlays: bool) -> None:
         overrides: dict[str, Any] = {"max_batch_size": min(batch_size, 256), "warmup_runs": 0}
@@ -76,42 +68,29 @@ class LocalBackend:
             overrides["model_path"] = model_path
         if device is not None:
             overrides["device"] = device
-        settings = Settings(**overrides)
+        settings = Settings(**overrides)  # the environment's WBC_* settings, as the service reads them
         try:
-            self.segmenter = Segmenter.load(settings)
+            self.engine = Engine.open(settings.engine_config(), settings.max_pixels)
         except ModelLoadError as exc:
             raise FatalError(f"cannot load the model: {exc}") from exc
-        self.max_pixels = settings.max_pixels
         self.overlays = overlays
         self.chunk_size = batch_size
-        self.model = {"name": self.segmenter.metadata.name, "version": self.segmenter.metadata.version}
+        self.model = self.engine.metadata.ref
 
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
-        results: list[FileResult | None] = [None] * len(paths)
-        images: dict[int, Image.Image] = {}
-        for i, path in enumerate(paths):
-            data = _read(path)
-            if isinstance(data, FileResult):
-                results[i] = data
+        contents = [_read(p) for p in paths]
+        uploads = [Upload(p.name, c) for p, c in zip(paths, contents, strict=True) if isinstance(c, bytes)]
+        options = Options(pixel_size_um, mask_png=True, overlay_png=self.overlays)
+        done = iter(self.engine.segment_many(uploads, options))
+        results = []
+        for content in contents:
+            if isinstance(content, FileResult):
+                results.append(content)
                 continue
-            try:
-                images[i] = decode_image(data, self.max_pixels)
-            except ServiceError as exc:
-                results[i] = failure(path.name, exc.status, exc.title, exc.detail)
-        if images:
-            started = time.perf_counter()
-            logits = self.segmenter.run(np.stack([self.segmenter.preprocess(im) for im in images.values()]))
-            run_ms = (time.perf_counter() - started) * 1000
-            for (i, image), image_logits in zip(images.items(), logits, strict=True):
-                results[i] = self._finish(paths[i].name, image, image_logits, run_ms, pixel_size_um)
-        return [r for r in results if r is not None]
-
-    def _finish(self, filename: str, image: Image.Image, logits: np.ndarray, run_ms: float,
-                pixel_size_um: float | None) -> FileResult:
-        mask = self.segmenter.postprocess(logits, (image.height, image.width))
-        record = result_record(filename, measure(mask, pixel_size_um), self.model, run_ms)
-        overlay = encode_overlay_png(np.asarray(image), mask) if self.overlays else None
-        return FileResult(record, encode_mask_png(mask), overlay)
+            item = next(done)
+            results.append(FileResult(item_document(item), getattr(item, "mask_png", None),
+                                      getattr(item, "overlay_png", None)))
+        return results
 
 
 class RemoteBackend:

@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from app.config import Settings  # noqa: E402
 from benchmarks.raw_session import RawSession  # noqa: E402
 from benchmarks.service_client import Server, multipart, peak_rss_mib, run_together  # noqa: E402
 
@@ -119,7 +118,7 @@ def measure(args: argparse.Namespace, files: list[tuple[str, bytes]]) -> dict[st
     single = [multipart([("file", name, data)]) for name, data in files]
     batch = [multipart([("files", *files[(r + i) % len(files)]) for i in range(args.batch_files)])
              for r in range(len(files))]
-    raw = RawSession(args.model, Settings(model_path=args.model), files)
+    raw = RawSession(args.model, files)
     results: dict[str, list[Load]] = {}
     env = {"WBC_LOG_LEVEL": "WARNING"}
     with Server(args.model, {**env, **MODES["on"]}) as on, Server(args.model, {**env, **MODES["off"]}) as off:

@@ -11,25 +11,22 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.allocator import keep_buffers_on_heap
-from app.config import Settings
-from app.imaging import decode_image
-from app.inference import InputTransform, session_options
-from app.interpolate import labels_at_size
-from app.measure import measure
-from app.model_meta import load_metadata
+from app.engine.contract import ModelMetadata
+from app.engine.imaging import decode_image
+from app.engine.labels import labels_at_size
+from app.engine.measure import measure
+from app.engine.session import session_options
+from app.engine.transform import InputTransform
 from benchmarks.service_client import Stats, run_together, timed
 
 
 class RawSession:
-    """The model in this process: onnxruntime with the service's session options, no service around it."""
+    """The model in this process: onnxruntime with the engine's session options, no service around it."""
 
-    def __init__(self, model: Path, settings: Settings, images: list[tuple[str, bytes]]) -> None:
-        # The service's allocator settings too: the baseline pays for its buffers as the service does.
-        keep_buffers_on_heap(settings.malloc_mmap_threshold_mib)
-        self.model, self.settings = model, settings
-        self.transform = InputTransform.from_metadata(load_metadata(model.with_name("model.json")))
-        self.session = ort.InferenceSession(str(model), session_options(settings),
+    def __init__(self, model: Path, images: list[tuple[str, bytes]]) -> None:
+        self.model = model
+        self.transform = InputTransform.from_metadata(ModelMetadata.for_model(model))
+        self.session = ort.InferenceSession(str(model), session_options(),
                                             providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.images = images
@@ -50,8 +47,7 @@ class RawSession:
     @cached_property
     def one_thread(self) -> ort.InferenceSession:
         """The other way to use two cores: a session on one thread, called from several threads at once."""
-        return ort.InferenceSession(str(self.model), session_options(self.settings, 1),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(self.model), session_options(1), providers=["CPUExecutionProvider"])
 
     def bench_side_by_side(self, count: int, callers: int) -> Stats:
         """`count` images, one per run, from `callers` threads at once on the one-thread session."""

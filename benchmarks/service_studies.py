@@ -1,11 +1,10 @@
-"""Service settings measured side by side: inference workers, micro-batching, onnxruntime's spinning."""
+"""Service settings measured side by side: micro-batching on the CPU, and fp32 against the int8 default."""
 
 from __future__ import annotations
 
 import argparse
 
-from app.config import Settings
-from benchmarks.raw_session import RawSession
+from app.api.settings import Settings
 from benchmarks.service_client import (
     Server,
     bench_batch,
@@ -15,29 +14,6 @@ from benchmarks.service_client import (
     paired,
     ratio,
 )
-
-
-def workers_study(args: argparse.Namespace, images: list[tuple[str, bytes]]) -> list[str]:
-    """One inference worker (every run on all intra-op threads, one at a time) against the default
-    (runs that overlap share the cores); Markdown lines."""
-    one = {"WBC_LOG_LEVEL": "WARNING", "WBC_INFERENCE_WORKERS": "1"}
-    lines = ["| load | one worker: img/s | p50 / p99 ms | default: img/s | p50 / p99 ms | default / one |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    n = args.requests
-    with Server(args.model, one) as single, Server(args.model, {"WBC_LOG_LEVEL": "WARNING"}) as default:
-        single.warm(images)
-        default.warm(images)
-        loads = {f"single requests, concurrency {c}": (lambda c=c: bench_single(single.url, images, n, c),
-                                                       lambda c=c: bench_single(default.url, images, n, c))
-                 for c in (1, 2, 4)}
-        loads[f"batch endpoint, {args.batch_files} files a request"] = (
-            lambda: bench_batch(single.url, images, n, args.batch_files),
-            lambda: bench_batch(default.url, images, n, args.batch_files))
-        for label, (first, second) in loads.items():
-            a, b = paired(first, second, args.pairs)
-            lines.append(f"| {label} | {median_throughput(a):.1f} | {latency(a)} | "
-                         f"{median_throughput(b):.1f} | {latency(b)} | {ratio(b, a):.2f} |")
-    return lines
 
 
 def batching_study(args: argparse.Namespace, images: list[tuple[str, bytes]],
@@ -63,24 +39,24 @@ def batching_study(args: argparse.Namespace, images: list[tuple[str, bytes]],
     return lines
 
 
-def spinning_study(args: argparse.Namespace, images: list[tuple[str, bytes]],
-                   settings: Settings) -> list[str]:
-    """onnxruntime's idle threads spinning or sleeping: the raw session, and the service at concurrency 2."""
-    spinning = settings.model_copy(update={"ort_spinning": True})
-    sleeping = settings.model_copy(update={"ort_spinning": False})
-    raw_sleep, raw_spin = RawSession(args.model, sleeping, images), RawSession(args.model, spinning, images)
+def precision_study(args: argparse.Namespace, images: list[tuple[str, bytes]]) -> list[str]:
+    """The service forced to fp32 (`WBC_PRECISION=fp32`) against its default (int8 on the CPU when the
+    gated variant is there), single requests and batches; Markdown lines."""
+    fp32 = {"WBC_LOG_LEVEL": "WARNING", "WBC_PRECISION": "fp32"}
+    lines = ["| load | fp32: img/s | p50 / p99 ms | default: img/s | p50 / p99 ms | default / fp32 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     n = args.requests
-    lines = ["| measured | sleeping: img/s | spinning: img/s | spinning / sleeping |",
-             "| --- | --- | --- | --- |"]
-    a, b = paired(lambda: raw_sleep.bench(n, 1), lambda: raw_spin.bench(n, 1), args.pairs)
-    lines.append(f"| raw session, batch 1 | {median_throughput(a):.1f} | {median_throughput(b):.1f} | "
-                 f"{ratio(b, a):.2f} |")
-    with Server(args.model, {"WBC_LOG_LEVEL": "WARNING", "WBC_ORT_SPINNING": "false"}) as off, \
-            Server(args.model, {"WBC_LOG_LEVEL": "WARNING", "WBC_ORT_SPINNING": "true"}) as on:
-        off.warm(images)
-        on.warm(images)
-        a, b = paired(lambda: bench_single(off.url, images, n, 2), lambda: bench_single(on.url, images, n, 2),
-                      args.pairs)
-    lines.append(f"| service, single requests, concurrency 2 | {median_throughput(a):.1f} | "
-                 f"{median_throughput(b):.1f} | {ratio(b, a):.2f} |")
+    with Server(args.model, fp32) as forced, Server(args.model, {"WBC_LOG_LEVEL": "WARNING"}) as default:
+        forced.warm(images)
+        default.warm(images)
+        loads = {f"single requests, concurrency {c}": (lambda c=c: bench_single(forced.url, images, n, c),
+                                                       lambda c=c: bench_single(default.url, images, n, c))
+                 for c in (1, 2)}
+        loads[f"batch endpoint, {args.batch_files} files a request"] = (
+            lambda: bench_batch(forced.url, images, n, args.batch_files),
+            lambda: bench_batch(default.url, images, n, args.batch_files))
+        for label, (first, second) in loads.items():
+            a, b = paired(first, second, args.pairs)
+            lines.append(f"| {label} | {median_throughput(a):.1f} | {latency(a)} | "
+                         f"{median_throughput(b):.1f} | {latency(b)} | {ratio(b, a):.2f} |")
     return lines

@@ -1,4 +1,5 @@
 """PyTorch side of the WBC segmenter: data, models, training, evaluation and ONNX export."""
 
-CLASS_NAMES: tuple[str, ...] = ("background", "cytoplasm", "nucleus")
+from app.engine.contract import CLASS_NAMES
+
 NUM_CLASSES = len(CLASS_NAMES)

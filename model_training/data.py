@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from app.engine.imaging import IMAGE_SUFFIXES
 from model_training import NUM_CLASSES
-
-IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 #: Grey levels of the wbc-zheng2018 masks: background, cytoplasm, nucleus (nearest level wins).
 DEFAULT_GREY_LEVELS: tuple[int, ...] = (0, 128, 255)

@@ -124,7 +124,7 @@ def score_model(model: LoadedModel, samples: Sequence[Sample],
     """
     per_image, predictions = [], {}
     for s in tqdm(samples, desc=model.label, unit="img", leave=False):
-        pred = predict_labels(model.module, s.image, model.input_size, device)
+        pred = predict_labels(model.module, s.image, model.transform, device)
         scores = region_scores(pred, s.label)
         predictions[f"{s.source}/{s.name}"] = pred
         per_image.append({"source": s.source, "name": s.name, "height": int(s.label.shape[0]),

@@ -1,30 +1,14 @@
 """`wbc-export`: checkpoint → ONNX (opset ≥ 18, dynamic batch/height/width) + `model.json` metadata.
 
-`model.json` is the contract with the service, which reads everything it needs from it:
-
-```
-{
-  "schema_version": 1,
-  "name": "wbc-attention-unet", "version": "1.0.0", "architecture": "attention_unet",
-  "parameters": 1943106, "file": "model.onnx", "sha256": "<hex of model.onnx>", "opset": 18,
-  "input": {"name": "image", "size": [160, 160], "channels": 3, "color": "RGB", "layout": "NCHW",
-            "dtype": "float32", "resize": "bilinear"},
-  "output": {"name": "logits", "kind": "logits", "layout": "NCHW"},
-  "normalization": {"scale": 0.00392156862745098, "mean": [...3], "std": [...3]},
-  "classes": ["background", "cytoplasm", "nucleus"],
-  "training": {...TrainConfig, best_epoch...}, "data": {...provenance...},
-  "evaluation": {...scores recorded at export, may be {}...},
-  "created": "2026-11-29T14:00:00Z"
-}
-```
-The service resizes the RGB image to `input.size` (height, width), divides by 255, subtracts `mean`
-and divides by `std` per channel, runs the model, resizes the logits back and takes the argmax.
+`model.json` is the contract with the service: export builds an `app.engine.contract.ModelMetadata`
+(input name and size, the training normalisation, class order, sha256, opset, training config, the
+evaluation scores recorded at export) and writes it; the engine reads the same class back. The parity
+check feeds onnxruntime and PyTorch inputs prepared by the engine's `InputTransform`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import warnings
@@ -38,14 +22,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_training import CLASS_NAMES
+from app.engine.contract import (
+    CLASS_NAMES,
+    DEFAULT_NORMALIZATION,
+    SCHEMA_VERSION,
+    InputSpec,
+    ModelMetadata,
+    OutputSpec,
+    sha256_file,
+)
 from model_training.models import build_model, count_parameters
-from model_training.transforms import MEAN, STD
+from model_training.transforms import input_transform
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
-SCHEMA_VERSION = 1
 PARITY_TOLERANCE = 1e-4
 
 
@@ -62,14 +53,6 @@ class ExportConfig:
     evaluation: str | None = None   # path of an evaluate JSON report whose scores go into model.json
     provenance: str | None = None   # JSON text or path describing the training data
     check_images: tuple[str, ...] = ()
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -127,44 +110,33 @@ def parity_inputs(input_size: int, images: Sequence[str] = (), seed: int = 0) ->
     """Random inputs at the model size and at odd sizes, plus real images prepared as the service does."""
     from PIL import Image
 
-    from model_training.transforms import normalize, resize_image, to_tensor
-
+    transform = input_transform(input_size)
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((1, 3, input_size, input_size), dtype=np.float32),
               rng.standard_normal((2, 3, 117, 101), dtype=np.float32)]
     for path in images:
         with Image.open(path) as im:
-            x = normalize(resize_image(to_tensor(np.asarray(im.convert("RGB"))), input_size))
-        inputs.append(x[None].numpy().astype(np.float32))
+            inputs.append(transform(im.convert("RGB"))[None])
     return inputs
 
 
 def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, onnx_path: Path,
-                   max_diff: float) -> dict[str, Any]:
-    """The `model.json` document for an exported checkpoint (format in the module docstring)."""
+                   max_diff: float) -> ModelMetadata:
+    """The contract of an exported checkpoint."""
     train_cfg = state["config"]
     size = int(train_cfg["input_size"])
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": cfg.name,
-        "version": cfg.version,
-        "architecture": train_cfg["model"],
-        "parameters": count_parameters(model),
-        "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
-        "opset": OPSET,
-        "input": {"name": "image", "size": [size, size], "channels": 3, "color": "RGB",
-                  "layout": "NCHW", "dtype": "float32", "resize": "bilinear"},
-        "output": {"name": "logits", "kind": "logits", "layout": "NCHW"},
-        "normalization": {"scale": 1 / 255, "mean": list(MEAN), "std": list(STD)},
-        "classes": list(state.get("classes", CLASS_NAMES)),
-        "training": {**train_cfg, "best_epoch": int(state["epoch"]) + 1,
-                     "val_mean_dice": float(state["best"]), "val_names": state.get("val_names", [])},
-        "data": _read_json_arg(cfg.provenance),
-        "evaluation": evaluation_entry(_read_json_arg(cfg.evaluation), sha256_file(cfg.checkpoint)),
-        "export": {"parity_max_abs_diff": max_diff, "torch": torch.__version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    }
+    return ModelMetadata(
+        schema_version=SCHEMA_VERSION, name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
+        parameters=count_parameters(model), file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
+        input=InputSpec(name="image", size=(size, size)), output=OutputSpec(name="logits"),
+        normalization=DEFAULT_NORMALIZATION, classes=list(state.get("classes", CLASS_NAMES)),
+        training={**train_cfg, "best_epoch": int(state["epoch"]) + 1, "val_mean_dice": float(state["best"]),
+                  "val_names": state.get("val_names", [])},
+        data=_read_json_arg(cfg.provenance),
+        evaluation=evaluation_entry(_read_json_arg(cfg.evaluation), sha256_file(Path(cfg.checkpoint))),
+        export={"parity_max_abs_diff": max_diff, "torch": torch.__version__},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )
 
 
 def evaluation_entry(report: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
@@ -198,7 +170,7 @@ def _read_json_arg(value: str | None) -> dict[str, Any]:
     return json.loads(text)
 
 
-def export(cfg: ExportConfig) -> dict[str, Any]:
+def export(cfg: ExportConfig) -> ModelMetadata:
     """Export a checkpoint to `out_dir/model.onnx`, check parity, write `out_dir/model.json`."""
     model, state = load_checkpoint(cfg.checkpoint)
     out = Path(cfg.out_dir)
@@ -208,8 +180,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     export_onnx(model, onnx_path, size)
     max_diff = check_parity(model, onnx_path, parity_inputs(size, cfg.check_images))
     meta = build_metadata(cfg, state, model, onnx_path, max_diff)
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("exported %s (%d parameters), parity %.2g", onnx_path, meta["parameters"], max_diff)
+    meta.write(out / "model.json")
+    logger.info("exported %s (%d parameters), parity %.2g", onnx_path, meta.parameters, max_diff)
     return meta
 
 
@@ -225,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     meta = export(ExportConfig(**{**vars(args), "check_images": tuple(args.check_images)}))
-    print(f"wrote {Path(args.out_dir) / meta['file']} sha256 {meta['sha256']} "
-          f"parity {meta['export']['parity_max_abs_diff']:.2g}")
+    print(f"wrote {Path(args.out_dir) / meta.file} sha256 {meta.sha256} "
+          f"parity {meta.export['parity_max_abs_diff']:.2g}")
     return 0
 
 

@@ -1,12 +1,12 @@
 """Load what `wbc-evaluate` scores: a `wbc-train` checkpoint, or an exported ONNX model with its metadata.
 
-Both come back as an `nn.Module`, so that `predict.predict_labels` scores the shipped file through
-exactly the pre- and post-processing it applies to a checkpoint.
+Both come back as an `nn.Module` with the engine's `InputTransform` of the model, so that
+`predict.predict_labels` scores the shipped file and a checkpoint through the service's own pre- and
+post-processing.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_training.export import load_checkpoint, sha256_file
-from model_training.transforms import MEAN, STD
+from app.engine.contract import ModelMetadata, sha256_file
+from app.engine.session import CPU, CUDA, session_options
+from app.engine.transform import InputTransform
+from model_training.export import load_checkpoint
+from model_training.transforms import input_transform
 
 
 @dataclass
@@ -29,6 +32,7 @@ class LoadedModel:
     kind: str                               # "checkpoint" or "onnx"
     module: nn.Module
     input_size: int
+    transform: InputTransform
     train_config: dict[str, Any]
     val_names: list[str] | None
     info: dict[str, Any]                    # architecture, parameters, epoch, sha256
@@ -44,13 +48,13 @@ class OnnxModel(nn.Module):
         providers: onnxruntime execution providers, in order of preference.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, Any], providers: Sequence[str]) -> None:
+    def __init__(self, path: Path, metadata: ModelMetadata, providers: Sequence[str]) -> None:
         super().__init__()
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=list(providers))
-        self.input_name = metadata["input"]["name"]
-        self.output_name = metadata["output"]["name"]
+        self.session = ort.InferenceSession(str(path), session_options(), providers=list(providers))
+        self.input_name = metadata.input.name
+        self.output_name = metadata.output.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits `(N, C, H, W)` for a normalised image batch `(N, 3, H, W)`."""
@@ -79,26 +83,18 @@ def default_label(path: Path) -> str:
     return path.stem
 
 
-def load_onnx_model(path: Path, device: str) -> tuple[nn.Module, dict[str, Any]]:
-    """An `OnnxModel` and its metadata, checked to use the preprocessing `predict_labels` applies.
+def load_onnx_model(path: Path, device: str) -> tuple[nn.Module, ModelMetadata]:
+    """An `OnnxModel` and its metadata (`<stem>.json` or `model.json` beside it, as the service finds it).
 
     Raises:
-        ValueError: when the metadata's normalisation, scale or input shape differ from training's.
+        ModelLoadError: when the metadata is missing or invalid.
     """
-    meta_path = next((p for p in (path.with_suffix(".json"), path.with_name("model.json")) if p.exists()),
-                     None)
-    if meta_path is None:
-        raise FileNotFoundError(f"{path}: no {path.with_suffix('.json').name} or model.json beside it")
-    meta = json.loads(meta_path.read_text())
-    norm, size = meta["normalization"], meta["input"]["size"]
-    if (not np.allclose(norm["mean"], MEAN) or not np.allclose(norm["std"], STD)
-            or not np.isclose(norm["scale"], 1 / 255) or size[0] != size[1]):
-        raise ValueError(f"{meta_path}: preprocessing differs from training's; it cannot be scored here")
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    meta = ModelMetadata.for_model(path)
+    providers = [CPU]
+    if device != "cpu" and CUDA in ort.get_available_providers():
+        providers.insert(0, CUDA)
     return OnnxModel(path, meta, providers), meta
 
 
@@ -118,14 +114,15 @@ def load_model(spec: str, device: torch.device) -> LoadedModel:
     sha = sha256_file(path)
     if path.suffix == ".onnx":
         module, meta = load_onnx_model(path, device.type)
-        train_cfg = meta.get("training", {})
-        info = {"architecture": meta.get("architecture"), "parameters": meta.get("parameters"),
+        train_cfg = meta.training
+        info = {"architecture": meta.architecture, "parameters": meta.parameters,
                 "epoch": train_cfg.get("best_epoch"), "sha256": sha}
-        return LoadedModel(label or default_label(path), path, "onnx", module, int(meta["input"]["size"][0]),
-                           train_cfg, train_cfg.get("val_names"), info)
+        return LoadedModel(label or default_label(path), path, "onnx", module, int(meta.input.size[0]),
+                           InputTransform.from_metadata(meta), train_cfg, train_cfg.get("val_names"), info)
     model, state = load_checkpoint(path)
     cfg = state["config"]
     info = {"architecture": cfg["model"], "parameters": state.get("parameters"),
             "epoch": int(state["epoch"]) + 1, "sha256": sha}
-    return LoadedModel(label or default_label(path), path, "checkpoint", model.to(device),
-                       int(cfg["input_size"]), cfg, state.get("val_names"), info)
+    size = int(cfg["input_size"])
+    return LoadedModel(label or default_label(path), path, "checkpoint", model.to(device), size,
+                       input_transform(size), cfg, state.get("val_names"), info)

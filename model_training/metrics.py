@@ -6,8 +6,13 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-#: Regions scored, each as the set of class indices it covers (cell = cytoplasm ∪ nucleus).
-REGIONS: dict[str, tuple[int, ...]] = {"nucleus": (2,), "cytoplasm": (1,), "cell": (1, 2)}
+from app.engine.contract import CLASS_NAMES
+from app.engine.contract import REGIONS as REGION_NAMES
+
+_CYTOPLASM, _NUCLEUS = CLASS_NAMES.index("cytoplasm"), CLASS_NAMES.index("nucleus")
+#: Regions scored (the contract's), each as the set of class ids it covers (cell = cytoplasm ∪ nucleus).
+REGIONS: dict[str, tuple[int, ...]] = dict(zip(
+    REGION_NAMES, ((_NUCLEUS,), (_CYTOPLASM,), (_CYTOPLASM, _NUCLEUS)), strict=True))
 METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "accuracy")
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -31,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.engine.contract import ModelMetadata, metadata_path, sha256_file
+from app.engine.session import session_options
 from model_training.data import Sample
 from model_training.evaluate import EvaluateConfig, data_config, score_model, select_split
-from model_training.export import sha256_file
 from model_training.loading import LoadedModel, load_model
 from model_training.metrics import REGIONS
 from model_training.train import load_samples
-from model_training.transforms import normalize, resize_image, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +74,7 @@ class QuantizeResult:
 
     accepted: bool
     path: Path | None
-    metadata: dict[str, Any]
-
-
-def prepare(image: np.ndarray, input_size: int) -> np.ndarray:
-    """`(H, W, 3)` uint8 → `(1, 3, S, S)` float32, as the service and `predict_labels` prepare it."""
-    return normalize(resize_image(to_tensor(image), input_size))[None].numpy().astype(np.float32)
+    metadata: ModelMetadata
 
 
 def pick_calibration(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
@@ -152,16 +145,10 @@ def dice_comparison(fp32: dict[str, Any], int8: dict[str, Any], max_drop: float)
 
 
 def session(path: Path, threads: int) -> Any:
-    """A CPU session set up as the service sets up its own (sequential, all optimisations, no spinning)."""
+    """A CPU session with the engine's session options."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def time_side_by_side(paths: dict[str, Path], input_name: str, input_size: int, batch_sizes: Sequence[int],
@@ -190,26 +177,28 @@ def time_side_by_side(paths: dict[str, Path], input_name: str, input_size: int, 
     return out
 
 
-def int8_metadata(fp32_meta: dict[str, Any], path: Path, cfg: QuantizeConfig, calibration: list[Sample],
+def int8_metadata(fp32_meta: ModelMetadata, path: Path, cfg: QuantizeConfig, calibration: list[Sample],
                   int8_entry: dict[str, Any] | None, comparison: dict[str, Any] | None,
-                  speed: dict[str, Any] | None) -> dict[str, Any]:
-    """The int8 model's `model.json`: the fp32 metadata with its own file, hash, version and scores."""
+                  speed: dict[str, Any] | None) -> ModelMetadata:
+    """The int8 model's contract: the fp32 one with its own file, hash, version, scores and a
+    `quantization` block whose `validation.accepted` is the Dice gate the engine checks before serving it."""
     import onnxruntime as ort
 
     keys = ("label", "kind", "sha256", "split", "image_count", "image_counts", "overall", "per_source")
     evaluation = ({k: int8_entry[k] for k in keys if k in int8_entry} if int8_entry else {})
     settings = {k: v for k, v in asdict(cfg).items()
                 if k in ("calibration_method", "quant_format", "activation_type", "per_channel", "seed")}
-    return {**fp32_meta, "file": path.name, "sha256": sha256_file(path),
-            "version": f"{fp32_meta['version']}+int8", "evaluation": evaluation,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "quantization": {
-                "method": "static", **settings, "weight_type": "int8", "onnxruntime": ort.__version__,
-                "source": {"file": Path(cfg.model).name, "sha256": fp32_meta["sha256"]},
-                "calibration": {"split": "train", "count": len(calibration),
-                                "preprocessing": "resize to input.size, normalization (as the service)",
-                                "images": [f"{s.source}/{s.name}" for s in calibration]},
-                "validation": comparison or {}, "speed_cpu": speed or {}}}
+    return fp32_meta.model_copy(update={
+        "file": path.name, "sha256": sha256_file(path), "version": f"{fp32_meta.version}+int8",
+        "evaluation": evaluation,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "quantization": {
+            "method": "static", **settings, "weight_type": "int8", "onnxruntime": ort.__version__,
+            "source": {"file": Path(cfg.model).name, "sha256": fp32_meta.sha256},
+            "calibration": {"split": "train", "count": len(calibration),
+                            "preprocessing": "the engine's InputTransform (as the service)",
+                            "images": [f"{s.source}/{s.name}" for s in calibration]},
+            "validation": comparison or {}, "speed_cpu": speed or {}}})
 
 
 def _load_split(model: LoadedModel, cfg: QuantizeConfig) -> tuple[list[Sample], list[Sample]]:
@@ -218,12 +207,6 @@ def _load_split(model: LoadedModel, cfg: QuantizeConfig) -> tuple[list[Sample], 
     samples = load_samples(train_cfg)
     return (select_split(samples, "train", train_cfg, model.val_names),
             select_split(samples, "val", train_cfg, model.val_names))
-
-
-def metadata_path(model: Path) -> Path:
-    """`<stem>.json` beside the model if there is one, else `model.json` (as the service finds it)."""
-    own = model.with_suffix(".json")
-    return own if own.is_file() else model.with_name("model.json")
 
 
 def quantize(cfg: QuantizeConfig) -> QuantizeResult:
@@ -240,15 +223,15 @@ def quantize(cfg: QuantizeConfig) -> QuantizeResult:
     source = Path(cfg.model)
     device = torch.device("cpu")
     fp32 = load_model(f"fp32={source}", device)
-    fp32_meta = json.loads(metadata_path(source).read_text())
+    fp32_meta = ModelMetadata.load(metadata_path(source))
     train, val = _load_split(fp32, cfg)
     calibration = pick_calibration(train, cfg.calibration_images, cfg.seed)
-    input_name = fp32_meta["input"]["name"]
+    input_name = fp32_meta.input.name
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / cfg.out_path.name
-        quantize_file(source, work, input_name, [prepare(s.image, fp32.input_size) for s in calibration], cfg)
-        work.with_suffix(".json").write_text(json.dumps(int8_metadata(fp32_meta, work, cfg, calibration,
-                                                                      None, None, None)))
+        tensors = [fp32.transform(s.image)[None] for s in calibration]
+        quantize_file(source, work, input_name, tensors, cfg)
+        int8_metadata(fp32_meta, work, cfg, calibration, None, None, None).write(work.with_suffix(".json"))
         int8 = load_model(f"int8={work}", device)
         fp32_entry, _ = score_model(fp32, val, device)
         int8_entry, _ = score_model(int8, val, device)
@@ -264,13 +247,13 @@ def quantize(cfg: QuantizeConfig) -> QuantizeResult:
         target = cfg.out_path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work, target)
-        target.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        meta.write(target.with_suffix(".json"))
         return QuantizeResult(accepted, target, meta)
 
 
 def format_summary(result: QuantizeResult) -> str:
     """The Dice comparison and the speed, as printed by `wbc-quantize`."""
-    q = result.metadata["quantization"]
+    q = result.metadata.quantization
     lines = [f"{'region':<10} {'fp32':>8} {'int8':>8} {'delta':>9} {'worst image':>12}"]
     for region, d in q["validation"]["dice"].items():
         lines.append(f"{region:<10} {d['fp32']:8.4f} {d['int8']:8.4f} {d['delta']:+9.4f} "

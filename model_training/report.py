@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.imaging import overlay
 from model_training.metrics import METRICS, REGIONS
 
 AVERAGE_SCORE_DEFINITION = ("mean of Dice, IoU, precision, recall and pixel accuracy over nucleus, cytoplasm "
@@ -19,7 +20,6 @@ AVERAGE_SCORE_DEFINITION = ("mean of Dice, IoU, precision, recall and pixel accu
 COMPARED: tuple[tuple[str, str], ...] = (("average", "score"),
                                          *((r, m) for r in REGIONS for m in METRICS))
 #: Overlay colours (RGB) of cytoplasm and nucleus: away from the stains' pinks and purples.
-OVERLAY_COLOURS = {1: (0, 200, 255), 2: (255, 170, 0)}
 METRIC_NAMES = {"dice": "Dice", "iou": "IoU", "precision": "precision", "recall": "recall",
                 "accuracy": "accuracy"}
 #: Largest number of runs per comparison for the exact permutation test (C(20, 10) = 184,756 splits).
@@ -227,15 +227,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend cytoplasm and nucleus colours into an `(H, W, 3)` uint8 image where `(H, W)` `label` says."""
-    out = image.astype(np.float32)
-    for cls, colour in OVERLAY_COLOURS.items():
-        hit = label == cls
-        out[hit] = (1 - alpha) * out[hit] + alpha * np.asarray(colour, np.float32)
-    return out.clip(0, 255).astype(np.uint8)
-
-
 def _bars(ax: Any, groups: Sequence[dict[str, Any]], metric: str) -> None:
     regions = list(REGIONS)
     x = np.arange(len(regions))
@@ -275,7 +266,8 @@ def write_figure(report: dict[str, Any], examples: Sequence[Example], path: Path
         _bars(ax, groups, metric)
     axes[1].legend(fontsize=8, loc="lower right")
     if examples:
-        bottom.suptitle("overlays: cytoplasm cyan, nucleus orange; (n) = the image's average score, %",
+        bottom.suptitle("overlays (as the service draws them): cytoplasm blue, nucleus amber; "
+                        "(n) = the image's average score, %",
                         fontsize=9)
         grid = np.atleast_2d(bottom.subplots(len(examples), cols))
         averages = {m["label"]: {f"{r['source']}/{r['name']}": r["average"] for r in m["per_image"]}

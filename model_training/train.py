@@ -23,11 +23,11 @@ from tqdm import tqdm
 from model_training import CLASS_NAMES
 from model_training.data import MaskMap, Sample, load_folders, oversample, parse_oversample, split_samples
 from model_training.losses import DiceCELoss
-from model_training.metrics import region_scores, summarize
+from model_training.metrics import REGIONS, region_scores, summarize
 from model_training.models import build_model, count_parameters
 from model_training.predict import predict_labels
 from model_training.synthetic import make_samples
-from model_training.transforms import Augment, normalize, to_tensor
+from model_training.transforms import Augment, input_transform, normalize, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,10 @@ def train_epoch(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
 def validate(model: nn.Module, samples: Sequence[Sample], input_size: int,
              device: torch.device) -> dict[str, float]:
     """Mean Dice per region over `samples`, scored at each image's original resolution."""
-    per_image = [region_scores(predict_labels(model, s.image, input_size, device), s.label) for s in samples]
+    transform = input_transform(input_size)
+    per_image = [region_scores(predict_labels(model, s.image, transform, device), s.label) for s in samples]
     summary = summarize(per_image)
-    dice = {region: summary[region]["dice"]["mean"] for region in ("nucleus", "cytoplasm", "cell")}
+    dice = {region: summary[region]["dice"]["mean"] for region in REGIONS}
     dice["mean"] = float(np.mean(list(dice.values())))
     return dice
 

@@ -1,4 +1,5 @@
-"""Augmentation for training and the preprocessing that export writes into the model metadata."""
+"""Training-time augmentation in PyTorch; the normalisation comes from the model contract, and every
+prediction (evaluation, calibration, parity) prepares images through the engine's `InputTransform`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Per-channel normalisation applied after scaling to [0, 1]; export records it in model.json.
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from app.engine.contract import DEFAULT_NORMALIZATION
+from app.engine.transform import InputTransform
+
+
+def input_transform(size: int) -> InputTransform:
+    """The engine's preprocessing for a model trained at `size` × `size` with the training normalisation."""
+    return InputTransform.create((size, size), DEFAULT_NORMALIZATION)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -21,10 +26,11 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Normalise `(N, 3, H, W)` or `(3, H, W)` in [0, 1] with `MEAN`/`STD`."""
+    """Normalise `(N, 3, H, W)` or `(3, H, W)` in [0, 1] with the contract's `DEFAULT_NORMALIZATION`
+    (`to_tensor` has already applied its scale)."""
     shape = (3, 1, 1)
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(shape)
+    mean = torch.tensor(DEFAULT_NORMALIZATION.mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.tensor(DEFAULT_NORMALIZATION.std, dtype=x.dtype, device=x.device).view(shape)
     return (x - mean) / std
 
 

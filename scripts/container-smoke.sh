@@ -149,7 +149,7 @@ check_config() {  # image; sets CMD, HEALTH, UID_
     user=$(bah inspect --type image --format '{{.Docker.Config.User}}' "$image")
     UID_=${user%%:*}
     printf 'cmd: %s\nhealthcheck: %s\nuser: %s\n' "${CMD[*]}" "${HEALTH[*]}" "$user"
-    [[ ${CMD[*]} == *"uvicorn app.main:create_app --factory"* ]] || fail "the command is not uvicorn"
+    [[ ${CMD[*]} == *"uvicorn app.api.main:create_app --factory"* ]] || fail "the command is not uvicorn"
     [[ ${HEALTH[0]:-} == CMD && ${HEALTH[*]} == */health/ready* ]] || fail "no HEALTHCHECK on /health/ready"
     [[ -n $UID_ && $UID_ != 0 && $UID_ != root ]] || fail "the image runs as root"
 }
@@ -166,7 +166,7 @@ assert 'torch' not in names and u.find_spec('torch') is None, 'torch is installe
 assert u.find_spec('model_training') is None, 'model_training is installed'
 assert sorted(os.listdir()) == ['weights'], os.listdir()
 assert os.getuid() != 0, 'runs as root'
-import app.main
+import app.api.main
 "
 }
 

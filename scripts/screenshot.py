@@ -69,7 +69,7 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "WBC_MODEL_PATH": str(args.model.resolve()), "WBC_API_KEY": "",
            "WBC_LOG_LEVEL": "WARNING"}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory",
                                "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"

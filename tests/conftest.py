@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
-from service_support import SLOW_INPUT, TINY_INPUT, copy_model, encode, running, sample_rgb
+from support.service import SLOW_INPUT, TINY_INPUT, copy_model, encode, running, sample_rgb
 
-from app.config import Settings
+from app.api.settings import Settings
 
 
 def _cuda_available() -> bool:
@@ -57,13 +57,13 @@ def _calibrated_tiny_model() -> Any:
 
     from model_training.models import build_model
     from model_training.synthetic import make_sample
-    from model_training.transforms import normalize, resize_image, to_tensor
+    from model_training.transforms import input_transform
 
     torch.manual_seed(0)
     model = build_model("attention_unet", base_channels=4, depth=2).eval()
     image, _ = make_sample(TINY_INPUT, seed=1)
     with torch.no_grad():
-        logits = model(normalize(resize_image(to_tensor(image), TINY_INPUT))[None])
+        logits = model(torch.from_numpy(input_transform(TINY_INPUT)(image))[None])
         head: Any = model.head
         head.bias -= logits.mean(dim=(0, 2, 3))
     return model

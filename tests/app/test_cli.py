@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_server import serving
 from PIL import Image
-from service_support import encode, sample_rgb
+from support.live_server import serving
+from support.service import encode, sample_rgb
 
+from app.api.settings import Settings
 from app.cli import main
 from app.cli_backends import RemoteBackend
-from app.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "weights"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from training_support import TinyExport, TinyRun
+from support.training import TinyExport, TinyRun
 
 from model_training import evaluate, export
 from model_training.train import SYNTHETIC_LR, TrainConfig, train

@@ -8,18 +8,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from app.engine.contract import DEFAULT_NORMALIZATION
+from app.engine.errors import ModelLoadError
 from model_training.data import split_samples
 from model_training.evaluate import EvaluateConfig, _warnings, evaluate, group_name, select_split
-from model_training.loading import default_label
+from model_training.loading import default_label, load_model
 from model_training.metrics import METRICS, REGIONS
 from model_training.report import compare_groups, group_runs, permutation_p
 from model_training.synthetic import make_samples
 from model_training.train import TrainConfig, load_data
 
 if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from training_support import TinyExport, TinyRun
+    from support.training import TinyExport, TinyRun
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,7 @@ def test_onnx_without_metadata_is_refused(tiny_export: TinyExport, tmp_path: Pat
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(tiny_export.onnx.read_bytes())
 
-    with pytest.raises(FileNotFoundError, match=r"model\.json"):
+    with pytest.raises(ModelLoadError, match=r"model\.json"):
         evaluate(EvaluateConfig(models=[str(lone)], out=str(tmp_path)))
 
 
@@ -191,11 +194,18 @@ def test_default_label_names_a_run_by_its_folder(path: str, label: str) -> None:
     assert default_label(Path(path)) == label
 
 
-def test_onnx_metadata_with_other_preprocessing_is_refused(tiny_export: TinyExport, tmp_path: Path) -> None:
+def test_onnx_is_scored_with_the_preprocessing_its_metadata_records(tiny_export: TinyExport,
+                                                                    tmp_path: Path) -> None:
     meta = json.loads((tiny_export.out / "model.json").read_text())
     meta["normalization"]["mean"] = [0.5, 0.5, 0.5]
     (tmp_path / "model.onnx").write_bytes(tiny_export.onnx.read_bytes())
     (tmp_path / "model.json").write_text(json.dumps(meta))
 
-    with pytest.raises(ValueError, match="preprocessing differs"):
-        evaluate(EvaluateConfig(models=[str(tmp_path)], out=str(tmp_path / "report")))
+    shipped = load_model(str(tiny_export.onnx), torch.device("cpu"))
+    changed = load_model(str(tmp_path / "model.onnx"), torch.device("cpu"))
+    image = np.full((20, 30, 3), 128, np.uint8)
+    # The engine's transform, built from each file's own metadata: mean 0.5 instead of ImageNet's.
+    delta = shipped.transform(image) - changed.transform(image)
+    norm = DEFAULT_NORMALIZATION
+    assert np.allclose(delta[:, 0, 0], (0.5 - np.array(norm.mean)) / norm.std,
+                       atol=1e-5)

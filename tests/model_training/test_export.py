@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from app.engine.contract import DEFAULT_NORMALIZATION
 from model_training import CLASS_NAMES
 from model_training.export import (
     OPSET,
@@ -22,10 +23,9 @@ from model_training.export import (
     load_checkpoint,
     parity_inputs,
 )
-from model_training.transforms import MEAN, STD
 
 if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from training_support import TinyExport, TinyRun
+    from support.training import TinyExport, TinyRun
 
 
 def test_export_writes_an_onnx_model_with_dynamic_size_and_batch(tiny_export: TinyExport) -> None:
@@ -48,7 +48,9 @@ def test_export_metadata_describes_the_file_and_its_preprocessing(tiny_export: T
     assert meta["input"] == {"name": "image", "size": [64, 64], "channels": 3, "color": "RGB",
                              "layout": "NCHW", "dtype": "float32", "resize": "bilinear"}
     assert meta["output"]["name"] == "logits"
-    assert meta["normalization"] == {"scale": pytest.approx(1 / 255), "mean": list(MEAN), "std": list(STD)}
+    norm = DEFAULT_NORMALIZATION
+    assert meta["normalization"] == {"scale": pytest.approx(1 / 255), "mean": list(norm.mean),
+                                     "std": list(norm.std)}
     assert meta["classes"] == list(CLASS_NAMES)
     assert meta["training"]["val_names"] == torch.load(tiny_run.best, weights_only=False)["val_names"]
     assert meta["export"]["parity_max_abs_diff"] <= PARITY_TOLERANCE

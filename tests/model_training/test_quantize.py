@@ -14,11 +14,11 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from training_support import TinyExport
+from support.training import TinyExport
 
-from app.config import Settings
-from app.main import create_app
-from app.model_meta import load_metadata, verify_model_file
+from app.api.main import create_app
+from app.api.settings import Settings
+from app.engine.contract import ModelMetadata, metadata_path, verify_model_file
 from model_training.quantize import QuantizeConfig, QuantizeResult, dice_comparison, main, quantize
 
 
@@ -66,8 +66,8 @@ def test_int8_metadata_records_calibration_scores_and_speed(accepted: QuantizeRe
 def test_service_serves_the_int8_model_found_by_its_path_alone(accepted: QuantizeResult) -> None:
     assert accepted.path is not None
     settings = Settings(model_path=accepted.path, intra_op_threads=1, cpu_workers=1, log_format="text")
-    assert settings.metadata_file == accepted.path.with_suffix(".json")
-    verify_model_file(accepted.path, load_metadata(settings.metadata_file))
+    assert metadata_path(accepted.path) == accepted.path.with_suffix(".json")
+    verify_model_file(accepted.path, ModelMetadata.for_model(accepted.path))
     png = io.BytesIO()
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(png, format="PNG")
     with TestClient(create_app(settings)) as client:

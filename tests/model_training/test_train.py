@@ -14,7 +14,7 @@ import torch
 from model_training.train import LOG_FIELDS, TrainConfig, load_data, lr_factor, open_log, train
 
 if TYPE_CHECKING:  # fixture types only
-    from training_support import TinyRun
+    from support.training import TinyRun
 
 
 def _log(folder: Path) -> list[dict[str, str]]:

@@ -13,7 +13,7 @@ import pytest
 from model_training import evaluate, train
 
 if TYPE_CHECKING:  # fixture types only; conftest is not importable as a module
-    from training_support import TinyExport, TinyRun
+    from support.training import TinyExport, TinyRun
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 TINY_ARGS = ["--base-channels", "4", "--depth", "2", "--input-size", "64"]

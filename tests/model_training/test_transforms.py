@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_training.transforms import MEAN, STD, Augment, AugmentConfig, normalize, resize_label, to_tensor
+from app.engine.contract import DEFAULT_NORMALIZATION
+from model_training.transforms import Augment, AugmentConfig, normalize, resize_label, to_tensor
 
 #: Background, cytoplasm and nucleus painted in the primary colour of one channel each, so that the
 #: class of every augmented pixel can be read back from its strongest channel, whatever the jitter.
@@ -70,7 +71,8 @@ def test_resize_label_samples_pixel_centres() -> None:
 
 
 def test_normalize_uses_the_exported_mean_and_std() -> None:
-    x = torch.tensor(MEAN).view(3, 1, 1).expand(3, 2, 2) + torch.tensor(STD).view(3, 1, 1)
+    mean, std = DEFAULT_NORMALIZATION.mean, DEFAULT_NORMALIZATION.std
+    x = torch.tensor(mean).view(3, 1, 1).expand(3, 2, 2) + torch.tensor(std).view(3, 1, 1)
 
     torch.testing.assert_close(normalize(x), torch.ones(3, 2, 2))
 

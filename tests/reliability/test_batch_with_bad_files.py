@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from corpus import mutants
 from live_process import ServiceProcess
-from service_support import encode, raw_png, sample_rgb
+from support.service import encode, raw_png, sample_rgb
 
 
 def test_every_good_result_comes_back_between_bad_files(service: ServiceProcess) -> None:

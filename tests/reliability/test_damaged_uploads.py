@@ -10,9 +10,9 @@ import httpx
 import pytest
 from corpus import mutants
 from live_process import ServiceProcess
-from service_support import encode, sample_rgb
+from support.service import encode, sample_rgb
 
-from app.errors import PROBLEM_MEDIA_TYPE
+from app.api.errors import PROBLEM_MEDIA_TYPE
 
 #: What a damaged file may get: a result (the damage missed what matters), too large (a header now
 #: claims a huge image), not an image, or not decodable.

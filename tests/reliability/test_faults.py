@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from live_process import ServiceProcess, wait_until
-from service_support import encode, sample_rgb
+from support.service import encode, sample_rgb
 
 CLIENTS = 50
 #: Declared upload size, and how much of it each client sends before it goes: past the 1 MiB that the

@@ -20,8 +20,8 @@ from live_process import ServiceProcess
 from schemathesis import GenerationMode
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from app.config import Settings
-from app.main import create_app
+from app.api.main import create_app
+from app.api.settings import Settings
 
 #: Examples per operation and generation mode; `-m slow` runs the thorough variant.
 EXAMPLES = 25

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from live_process import ServiceProcess
 
-from app.errors import PROBLEM_MEDIA_TYPE
+from app.api.errors import PROBLEM_MEDIA_TYPE
 
 BURST = Path(__file__).with_name("burst.py")
 QUEUE_SIZE, MAX_BATCH = 2, 1

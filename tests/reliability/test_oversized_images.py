@@ -10,9 +10,9 @@ import pytest
 from corpus import real_grey_png
 from live_process import ServiceProcess
 from PIL import Image
-from service_support import encode, raw_png, sample_rgb
+from support.service import encode, raw_png, sample_rgb
 
-from app.errors import PROBLEM_MEDIA_TYPE
+from app.api.errors import PROBLEM_MEDIA_TYPE
 
 MAX_GROWTH = 200 * 1024 * 1024
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_support import png_array, running, upload
+from support.service import png_array, running, upload
 
-from app.config import Settings
-from app.model_meta import load_metadata, sha256_file, verify_model_file
+from app.api.settings import Settings
+from app.engine.contract import ModelMetadata, sha256_file, verify_model_file
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = REPO / "weights" / "model.onnx"
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not (INT8.is_file() and FP32.is_file()),
 
 def test_int8_model_was_made_from_the_shipped_model_and_passed_its_bound() -> None:
     meta = json.loads(INT8.with_suffix(".json").read_text())
-    verify_model_file(INT8, load_metadata(INT8.with_suffix(".json")))
+    verify_model_file(INT8, ModelMetadata.load(INT8.with_suffix(".json")))
     fp32 = json.loads(FP32.with_name("model.json").read_text())
     assert meta["quantization"]["source"]["sha256"] == fp32["sha256"] == sha256_file(FP32), \
         "weights/model.onnx changed since the int8 model was made: run wbc-quantize again"

@@ -1,0 +1,1 @@
+"""The HTTP service around the engine: FastAPI app, settings, routes, middleware, batcher."""

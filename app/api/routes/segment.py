@@ -1,0 +1,152 @@
+"""Segmentation of one image or a batch of images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+from fastapi import APIRouter, File, Query, Response, UploadFile
+
+from app.api.deps import Runtime, RuntimeDep, SettingsDep
+from app.api.routes import problems
+from app.api.schemas import BatchResult, SegmentResult
+from app.engine import Failure, Options, Result, Upload
+from app.engine.errors import PayloadTooLargeError, TooManyFilesError
+from app.engine.report import batch_document, batch_zip, client_filename, result_document, safe_stem
+
+T = TypeVar("T")
+
+router = APIRouter(tags=["segmentation"])
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_AREA_HEADERS = {
+    f"X-Area-{name.capitalize()}-Px": {"description": f"{name} area in pixels", "schema": {"type": "integer"}}
+    for name in ("nucleus", "cytoplasm", "cell")
+}
+
+#: Microscopes image at fractions of a micron per pixel; the upper bound keeps every area finite.
+MAX_PIXEL_SIZE_UM = 10_000.0
+PixelSize = Annotated[float | None, Query(gt=0, le=MAX_PIXEL_SIZE_UM, allow_inf_nan=False,
+                                          description="Microns per pixel; adds areas in µm²")]
+IncludeMask = Annotated[bool, Query(description="With format=json: add the mask PNG in base64")]
+
+
+@router.post(
+    "/v1/segment", response_model=SegmentResult, summary="Segment one image",
+    responses={200: {"description": "JSON measurements, the label mask PNG, or an overlay PNG",
+                     "content": {"image/png": _BINARY}, "headers": _AREA_HEADERS},
+               **problems(400, 413, 415, 422, 503)},
+)
+async def segment_image(
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="A PNG, JPEG, BMP or TIFF image")],
+    output: Annotated[Literal["json", "png", "overlay"], Query(
+        alias="format", description="json: measurements; png: label mask (class ids); overlay: for people")
+    ] = "json",
+    include_mask: IncludeMask = False,
+    pixel_size_um: PixelSize = None,
+) -> Response:
+    """Nucleus and cytoplasm of one white blood cell image: measurements, mask or overlay."""
+    upload = await read_upload(file, settings.max_file_bytes)
+    if upload.error is not None:
+        runtime.metrics.images.labels("rejected").inc()
+        raise upload.error
+    options = Options(pixel_size_um, mask_png=output == "png" or include_mask,
+                      overlay_png=output == "overlay")
+    result = await run_engine(runtime, runtime.engine.segment, upload, options, runtime.batcher.infer)
+    if isinstance(result, Failure):
+        raise result.error
+    headers = area_headers(result)
+    if output == "json":
+        return json_response(result_document(result, include_mask), headers)
+    suffix = "mask" if output == "png" else "overlay"
+    headers["Content-Disposition"] = f'inline; filename="{safe_stem(upload.filename)}_{suffix}.png"'
+    content = result.mask_png if output == "png" else result.overlay_png
+    return Response(content, media_type="image/png", headers=headers)
+
+
+@router.post(
+    "/v1/segment/batch", response_model=BatchResult, summary="Segment many images",
+    responses={200: {"description": "Per-file results in upload order, as JSON or a ZIP",
+                     "content": {"application/zip": _BINARY}},
+               **problems(400, 413, 422, 503)},
+)
+async def segment_batch(
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    files: Annotated[list[UploadFile], File(min_length=1, description="PNG, JPEG, BMP or TIFF images")],
+    output: Annotated[Literal["json", "zip"], Query(
+        alias="format", description="json: per-file results; zip: masks, results.csv and results.json")
+    ] = "json",
+    include_mask: IncludeMask = False,
+    pixel_size_um: PixelSize = None,
+    overlay: Annotated[bool, Query(description="With format=zip: add <stem>_overlay.png per image")] = False,
+) -> Response:
+    """Segment every file; one that cannot be processed becomes an error item and the others go on."""
+    if len(files) > settings.max_files:
+        raise TooManyFilesError(f"The batch has {len(files)} files; the limit is {settings.max_files}.")
+    uploads = [await read_upload(f, settings.max_file_bytes) for f in files]
+    as_zip = output == "zip"
+    options = Options(pixel_size_um, mask_png=as_zip or include_mask, overlay_png=as_zip and overlay)
+    items = await segment_in_parallel(runtime, uploads, options)
+    if not as_zip:
+        return json_response(batch_document(items, include_mask))
+    archive = await anyio.to_thread.run_sync(batch_zip, items, overlay, limiter=runtime.limiter)
+    return Response(archive, media_type="application/zip",
+                    headers={"Content-Disposition": 'attachment; filename="segmentation.zip"'})
+
+
+async def run_engine(runtime: Runtime, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on a worker thread within the runtime's thread limit; refused at once with a 503
+    while the inference queue is full, so that an overloaded service spends nothing on decoding."""
+    with runtime.batcher.admitted():
+        result = await anyio.to_thread.run_sync(function, *args, limiter=runtime.limiter)
+    for item in result if isinstance(result, list) else [result]:
+        runtime.metrics.images.labels("rejected" if isinstance(item, Failure) else "ok").inc()
+    return result
+
+
+async def segment_in_parallel(runtime: Runtime, uploads: list[Upload],
+                              options: Options) -> list[Result | Failure]:
+    """`Engine.segment_many` over the batch, split into one contiguous share per inference worker so that
+    every worker has runs to do; results in upload order."""
+    share = -(-len(uploads) // runtime.batcher.workers)
+    parts = [uploads[i:i + share] for i in range(0, len(uploads), share)]
+    done: list[list[Result | Failure]] = [[] for _ in parts]
+
+    async def segment_part(index: int) -> None:
+        done[index] = await anyio.to_thread.run_sync(runtime.engine.segment_many, parts[index], options,
+                                                     runtime.batcher.infer, limiter=runtime.limiter)
+
+    with runtime.batcher.admitted():
+        async with anyio.create_task_group() as group:
+            for index in range(len(parts)):
+                group.start_soon(segment_part, index)
+    items = [item for part in done for item in part]
+    for item in items:
+        runtime.metrics.images.labels("rejected" if isinstance(item, Failure) else "ok").inc()
+    return items
+
+
+async def read_upload(file: UploadFile, max_bytes: int) -> Upload:
+    """The file's name and bytes; a file over `max_bytes` is refused without reading it."""
+    name = client_filename(file.filename)
+    too_large = PayloadTooLargeError(f"The file is larger than the limit of {max_bytes} bytes.")
+    if file.size is not None and file.size > max_bytes:
+        return Upload(name, b"", too_large)
+    data = await file.read()
+    return Upload(name, b"", too_large) if len(data) > max_bytes else Upload(name, data)
+
+
+def json_response(document: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """`document` as JSON text (NaN refused: every number the API returns is finite)."""
+    return Response(json.dumps(document, allow_nan=False), media_type="application/json", headers=headers)
+
+
+def area_headers(result: Result) -> dict[str, str]:
+    """`X-Area-Nucleus-Px`, `X-Area-Cytoplasm-Px` and `X-Area-Cell-Px`."""
+    areas = result.measurements.areas_px
+    return {f"X-Area-{name.capitalize()}-Px": str(areas[name]) for name in ("nucleus", "cytoplasm", "cell")}

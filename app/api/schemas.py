@@ -1,0 +1,142 @@
+"""Request and response models: the public API as documented in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; every error response has this shape."""
+
+    type: str = Field(examples=["urn:wbc-segmenter:problem:invalid-image"])
+    title: str = Field(examples=["Invalid image"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["The PNG file is corrupt or truncated."])
+    errors: list[dict[str, Any]] | None = Field(None, description="Per-field issues of a 422 invalid request")
+
+
+class Live(BaseModel):
+    """The process is running."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    """The model is loaded, warmed up and served on `provider`."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: Literal["ready"] = "ready"
+    model: str
+    version: str
+    provider: str = Field(examples=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+class Areas(BaseModel):
+    """Areas in pixels; the cell is cytoplasm ∪ nucleus."""
+
+    nucleus: int
+    cytoplasm: int
+    cell: int
+
+
+class AreasUm2(BaseModel):
+    """Areas in square microns."""
+
+    nucleus: float
+    cytoplasm: float
+    cell: float
+
+
+class Fractions(BaseModel):
+    """Areas as fractions of the whole image."""
+
+    nucleus: float
+    cytoplasm: float
+    cell: float
+
+
+class ModelRef(BaseModel):
+    """Which model produced a result."""
+
+    name: str
+    version: str
+
+
+class SegmentResult(BaseModel):
+    """Measurements of one segmented image."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    filename: str
+    width: int
+    height: int
+    areas_px: Areas
+    areas_um2: AreasUm2 | None = Field(description="With pixel_size_um only")
+    fractions: Fractions
+    nc_ratio: float | None = Field(description="nucleus / cytoplasm area; null without cytoplasm")
+    model: ModelRef
+    inference_ms: float = Field(description="Duration of the model run that included this image")
+    mask_png_base64: str | None = Field(None, description="The label mask as PNG; with include_mask only")
+
+
+class FileError(BaseModel):
+    """Why one file of a batch could not be processed."""
+
+    status: int = Field(examples=[422])
+    title: str
+    detail: str
+
+
+class FileFailure(BaseModel):
+    """A file of a batch that could not be processed; the others are unaffected."""
+
+    filename: str
+    error: FileError
+
+
+class BatchResult(BaseModel):
+    """Per-file results in upload order."""
+
+    count: int
+    failed: int
+    results: list[SegmentResult | FileFailure]
+
+
+class InputInfo(BaseModel):
+    """The network input."""
+
+    size: tuple[int, int] = Field(description="(height, width)")
+    color: str
+    resize: str
+
+
+class NormalizationInfo(BaseModel):
+    """Per-channel `(pixel * scale - mean) / std`."""
+
+    scale: float
+    mean: list[float]
+    std: list[float]
+
+
+class ModelInfo(BaseModel):
+    """The model being served, from its metadata, and the execution providers in use."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    architecture: str
+    parameters: int
+    classes: list[str] = Field(description="Class names in the order of the API's class ids")
+    input: InputInfo
+    normalization: NormalizationInfo
+    sha256: str
+    opset: int
+    file: str = Field(description="The model file served: model.int8.onnx on the CPU when its gate passed")
+    provider: str
+    providers: list[str]
+    evaluation: dict[str, Any]
+    created: str | None

@@ -1,0 +1,155 @@
+"""Decode and validate uploaded images; encode label masks and overlays as PNG."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from app.engine.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaError
+
+logger = logging.getLogger(__name__)
+
+#: Accepted formats, recognised by their first bytes (never by the file name).
+SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+}
+
+#: File name suffixes of those formats, for picking images out of a folder.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+#: Colour of each class id in mask and overlay PNGs: background, cytoplasm, nucleus.
+CLASS_COLORS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 190, 255), (255, 200, 0))
+_OVERLAY_ALPHA = np.array([0, 96, 128], np.uint16)  # out of 256, per class
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# A 256-entry palette makes Pillow write an 8-bit PNG: the bit depth clients expect of a label mask.
+_PALETTE = [v for color in CLASS_COLORS for v in color] + [0] * (3 * (256 - len(CLASS_COLORS)))
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format named by the file's magic bytes.
+
+    Raises:
+        InvalidImageError: for an empty file.
+        UnsupportedMediaError: for anything but PNG, JPEG, BMP and TIFF.
+    """
+    if not data:
+        raise InvalidImageError("The file is empty.")
+    for fmt, signatures in SIGNATURES.items():
+        if data.startswith(signatures):
+            return fmt
+    raise UnsupportedMediaError("The file is not a PNG, JPEG, BMP or TIFF image.")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an upload into an upright 8-bit RGB image.
+
+    The pixel count is checked from the header before any pixel data is decoded; the first frame of a
+    multi-frame file is used; the EXIF orientation is applied.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: largest width × height accepted.
+
+    Raises:
+        InvalidImageError, UnsupportedMediaError, ImageTooLargeError.
+    """
+    fmt = sniff_format(data)
+    image = _open(data, fmt)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"The {fmt} image has no pixels.")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"The image has {width}×{height} = {width * height} pixels; "
+                                 f"the limit is {max_pixels}.")
+    try:
+        image.load()
+        return to_rgb(_upright(image))
+    except (ImageTooLargeError, InvalidImageError):
+        raise
+    except Exception as exc:  # Pillow raises many types on damaged data; all mean the same here.
+        logger.debug("cannot decode %s: %r", fmt, exc)
+        raise InvalidImageError(f"The {fmt} file is corrupt or truncated.") from exc
+
+
+def _open(data: bytes, fmt: str) -> Image.Image:
+    """Read only the header; Pillow's own bomb check is ours to report."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError("The image has more pixels than the decoder allows.") from exc
+    except Exception as exc:  # as in decode_image: any failure to parse the header is a bad file
+        logger.debug("cannot open %s: %r", fmt, exc)
+        raise InvalidImageError(f"The file starts like a {fmt} image but cannot be read.") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # a damaged EXIF block should not reject an image whose pixels are fine
+        logger.debug("ignoring unreadable EXIF orientation: %r", exc)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB; 16-bit grey maps its full range 0–65535 onto 0–255, alpha is ignored."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32)
+        grey = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
+    return image.convert("RGB")
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """`(H, W)` uint8 class ids → an 8-bit palette PNG whose indices are the class ids."""
+    image = Image.fromarray(mask)
+    image.putpalette(_PALETTE)  # turns the "L" image into "P" with the class ids as indices
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Draw the classes over an `(H, W, 3)` uint8 RGB image: a translucent fill, an opaque outline.
+
+    Returns:
+        `(H, W, 3)` uint8 RGB.
+    """
+    colors = np.asarray(CLASS_COLORS, np.uint16)[mask]
+    alpha = _OVERLAY_ALPHA[mask][..., None]
+    out = (image.astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8
+    edge = _edges(mask) & (mask > 0)
+    out[edge] = colors[edge]
+    return out.astype(np.uint8)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another class."""
+    edge = np.zeros(mask.shape, bool)
+    vertical = mask[1:] != mask[:-1]
+    horizontal = mask[:, 1:] != mask[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge
+
+
+def encode_overlay_png(image: np.ndarray, mask: np.ndarray) -> bytes:
+    """The overlay of `mask` on `(H, W, 3)` RGB `image`, as an RGB PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(image, mask)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

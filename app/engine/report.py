@@ -1,0 +1,147 @@
+"""Result documents, the one results CSV writer (with its spreadsheet-formula guard), the batch ZIP and
+safe output names: shared by the service's answers and the folder command's files."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from app.engine.contract import REGIONS
+from app.engine.pipeline import Failure, Result
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+#: One row per file, in the service's batch ZIP and the folder command's `results.csv` alike.
+RESULT_COLUMNS: tuple[str, ...] = (
+    "filename", "width", "height", *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS),
+    *(f"fraction_{r}" for r in REGIONS), "nc_ratio", "mask", "overlay", "error")
+
+
+def client_filename(name: str | None, default: str = "image") -> str:
+    """The base name of an uploaded file as the client named it (browsers may send a full path)."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return base or default
+
+
+def safe_stem(filename: str) -> str:
+    """A stem fit for a ZIP entry or a header: ASCII letters, digits, `.`, `_`, `-`; never a path."""
+    stem = _UNSAFE.sub("_", PurePosixPath(filename).stem).strip("._")
+    return stem[:100] or "image"
+
+
+def unique_stems(filenames: Sequence[str]) -> list[str]:
+    """`safe_stem` of each name, with `_2`, `_3`, ... added where two would otherwise be the same."""
+    seen: set[str] = set()
+    stems = []
+    for name in filenames:
+        stem, n = safe_stem(name), 1
+        candidate = stem
+        while candidate.lower() in seen:
+            n += 1
+            candidate = f"{stem}_{n}"
+        seen.add(candidate.lower())
+        stems.append(candidate)
+    return stems
+
+
+def result_document(result: Result, include_mask: bool = False) -> dict[str, Any]:
+    """The JSON of one segmented image (the API's `SegmentResult`)."""
+    m = result.measurements
+    document: dict[str, Any] = {
+        "filename": result.filename, "width": m.width, "height": m.height,
+        "areas_px": m.areas_px, "areas_um2": m.areas_um2,
+        "fractions": m.fractions, "nc_ratio": m.nc_ratio,
+        "model": result.model, "inference_ms": round(result.inference_ms, 2),
+    }
+    if include_mask and result.mask_png is not None:
+        document["mask_png_base64"] = base64.b64encode(result.mask_png).decode("ascii")
+    return document
+
+
+def failure_document(failure: Failure) -> dict[str, Any]:
+    """The JSON of a file that could not be processed (`FileFailure`)."""
+    error = failure.error
+    return {"filename": failure.filename,
+            "error": {"status": error.status, "title": error.title, "detail": error.detail}}
+
+
+def item_document(item: Result | Failure, include_mask: bool = False) -> dict[str, Any]:
+    """`result_document` or `failure_document`, whichever `item` is."""
+    return failure_document(item) if isinstance(item, Failure) else result_document(item, include_mask)
+
+
+def batch_document(items: Sequence[Result | Failure], include_mask: bool = False) -> dict[str, Any]:
+    """The JSON of a batch (`BatchResult`), in upload order."""
+    return {"count": len(items), "failed": sum(isinstance(i, Failure) for i in items),
+            "results": [item_document(i, include_mask) for i in items]}
+
+
+def error_text(error: dict[str, Any] | None) -> str:
+    """`415 The file is not a PNG, ...`: the status (or title) and detail of a failure."""
+    if not error:
+        return ""
+    prefix = error["status"] if error.get("status") else f"{error['title']}:"
+    return f"{prefix} {error['detail']}"
+
+
+def csv_row(document: dict[str, Any], mask: str = "", overlay: str = "") -> dict[str, Any]:
+    """One `RESULT_COLUMNS` row of a result or failure document, with the names of its written files."""
+    row: dict[str, Any] = {"filename": document["filename"], "mask": mask, "overlay": overlay,
+                           "error": error_text(document.get("error"))}
+    if document.get("error"):
+        return row
+    row.update(width=document["width"], height=document["height"], nc_ratio=document["nc_ratio"])
+    for region in REGIONS:
+        row[f"area_{region}_px"] = document["areas_px"][region]
+        row[f"area_{region}_um2"] = document["areas_um2"][region] if document["areas_um2"] else None
+        row[f"fraction_{region}"] = document["fractions"][region]
+    return row
+
+
+def write_csv(rows: Iterable[dict[str, Any]], stream: IO[str],
+              columns: Sequence[str] = RESULT_COLUMNS) -> None:
+    """Write rows as CSV; None is an empty cell, and text that a spreadsheet would run as a formula
+    (`=`, `+`, `-`, `@`, tab, CR first) is quoted with a leading apostrophe."""
+    writer = csv.DictWriter(stream, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(value) for key, value in row.items()})
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def batch_zip(items: Sequence[Result | Failure], overlay: bool) -> bytes:
+    """`<stem>_mask.png` (and `<stem>_overlay.png`) per image, `results.csv` and `results.json`."""
+    stems = unique_stems([i.filename for i in items])
+    buffer = io.BytesIO()
+    rows = []
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for item, stem in zip(items, stems, strict=True):
+            names = {}
+            if isinstance(item, Result) and item.mask_png is not None:
+                names["mask"] = f"{stem}_mask.png"
+                archive.writestr(names["mask"], item.mask_png, zipfile.ZIP_STORED)
+            if overlay and isinstance(item, Result) and item.overlay_png is not None:
+                names["overlay"] = f"{stem}_overlay.png"
+                archive.writestr(names["overlay"], item.overlay_png, zipfile.ZIP_STORED)
+            rows.append(csv_row(item_document(item), **names))
+        text = io.StringIO()
+        write_csv(rows, text)
+        archive.writestr("results.csv", text.getvalue(), zipfile.ZIP_DEFLATED)
+        archive.writestr("results.json", json.dumps(batch_document(items), indent=2, allow_nan=False),
+                         zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
