@@ -1,10 +1,12 @@
 """`wbc-segment INPUT_DIR OUTPUT_DIR`: segment every image in a folder, write masks and measurements.
 
 Runs the shipped ONNX model in this process, or with `--url` sends the images to a running service in
-batches. Either way the output folder gets `masks/<relative path>_mask.png` (optionally
-`overlays/<relative path>_overlay.png`), `results.csv` and `results.json`, with one row per file, failed
-files included with their error. Exit status: 0 when every image was segmented, 1 when some failed,
-2 when the run could not start or had to stop (no images, no model, service unreachable, API key refused).
+batches. Either way the output folder gets `masks/<relative path>_mask.png` (class ids),
+`instances/<relative path>_instances.png` (16-bit cell ids), optionally `overlays/<relative
+path>_overlay.png` and `geojson/<relative path>.geojson` (QuPath cell objects), `results.csv` (one row per
+file, failed files included with their error), `cells.csv` (one row per leukocyte) and `results.json`.
+Exit status: 0 when every image was segmented, 1 when some failed, 2 when the run could not start or had
+to stop (no images, no model, service unreachable, API key refused).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from app.cli_backends import Backend, FatalError, FileResult, LocalBackend, RemoteBackend
 from app.engine.imaging import IMAGE_SUFFIXES
-from app.engine.report import csv_row, error_text, write_csv
+from app.engine.report import CELL_COLUMNS, cell_rows, csv_row, error_text, write_csv
 
 
 @dataclass
@@ -33,6 +35,7 @@ class FolderJob:
     output_dir: Path
     pattern: str | None = None
     overlays: bool = False
+    geojson: bool = False
     pixel_size_um: float | None = None
     url: str | None = None
     api_key: str | None = None
@@ -103,24 +106,26 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _record(job: FolderJob, relative: Path, stem: Path, result: FileResult) -> dict[str, Any]:
-    """Write the result's images; return its `results.json` record."""
+    """Write the result's images and GeoJSON; return its `results.json` record."""
     record: dict[str, Any] = {"file": relative.as_posix(), **result.record}
-    if result.mask_png is not None:
-        mask = Path("masks") / stem.parent / f"{stem.name}_mask.png"
-        _write(job.output_dir / mask, result.mask_png)
-        record["mask"] = mask.as_posix()
-    if result.overlay_png is not None:
-        overlay = Path("overlays") / stem.parent / f"{stem.name}_overlay.png"
-        _write(job.output_dir / overlay, result.overlay_png)
-        record["overlay"] = overlay.as_posix()
+    geojson = None if result.geojson is None else (json.dumps(result.geojson) + "\n").encode()
+    outputs = (("mask", "masks", "_mask.png", result.mask_png),
+               ("instances", "instances", "_instances.png", result.instances_png),
+               ("overlay", "overlays", "_overlay.png", result.overlay_png),
+               ("geojson", "geojson", ".geojson", geojson))
+    for key, folder, suffix, data in outputs:
+        if data is not None:
+            path = Path(folder) / stem.parent / f"{stem.name}{suffix}"
+            _write(job.output_dir / path, data)
+            record[key] = path.as_posix()
     record.setdefault("error", None)
     return record
 
 
 def _make_backend(job: FolderJob) -> Backend:
     if job.url:
-        return RemoteBackend(job.url, job.api_key, job.batch_size, job.overlays)
-    return LocalBackend(job.model_path, job.device, job.batch_size, job.overlays)
+        return RemoteBackend(job.url, job.api_key, job.batch_size, job.overlays, geojson=job.geojson)
+    return LocalBackend(job.model_path, job.device, job.batch_size, job.overlays, job.geojson)
 
 
 def segment_folder(job: FolderJob) -> Summary:
@@ -161,9 +166,12 @@ def _finish(job: FolderJob, backend: Backend, records: list[dict[str, Any]], sec
             fatal: str | None) -> Summary:
     job.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = job.output_dir / "results.csv", job.output_dir / "results.json"
+    named = [{**r, "filename": r["file"]} for r in records]  # tables name files by their path
     with csv_path.open("w", newline="", encoding="utf-8") as f:
-        write_csv((csv_row({**r, "filename": r["file"]}, r.get("mask") or "", r.get("overlay") or "")
-                   for r in records), f)
+        write_csv((csv_row(r, r.get("mask") or "", r.get("overlay") or "", r.get("instances") or "")
+                   for r in named), f)
+    with (job.output_dir / "cells.csv").open("w", newline="", encoding="utf-8") as f:
+        write_csv((row for r in named for row in cell_rows(r)), f, CELL_COLUMNS)
     failures = [(r["file"], error_text(r["error"])) for r in records if r.get("error")]
     document = {"count": len(records), "failed": len(failures), "pixel_size_um": job.pixel_size_um,
                 "model": backend.model, "source": job.url or "in-process", "seconds": round(seconds, 3),
@@ -192,10 +200,16 @@ def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
         prog="wbc-segment", description="Segment every image in a folder into nucleus and cytoplasm.",
         epilog="Exit status: 0 all images segmented, 1 some failed (listed in results.csv), 2 stopped.")
     p.add_argument("input_dir", type=Path, help="folder of images, searched recursively")
-    p.add_argument("output_dir", type=Path, help="where masks/, overlays/, results.csv and results.json go")
+    p.add_argument("output_dir", type=Path,
+                   help="where masks/, instances/, overlays/, geojson/, results.csv, cells.csv and "
+                        "results.json go")
     p.add_argument("--glob", dest="pattern", metavar="PATTERN",
                    help="only files matching this, e.g. '*.tif' (default: every PNG, JPEG, BMP and TIFF)")
-    p.add_argument("--overlays", action="store_true", help="also write overlays/<name>_overlay.png")
+    p.add_argument("--overlays", action="store_true",
+                   help="also write overlays/<name>_overlay.png (classes and numbered cells)")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write geojson/<name>.geojson: every cell and its nucleus, as QuPath "
+                        "imports them")
     p.add_argument("--pixel-size-um", type=_positive_float, metavar="UM",
                    help="microns per pixel: adds areas in µm²")
     p.add_argument("--url", help="a running service, e.g. http://localhost:8000 (default: in-process)")

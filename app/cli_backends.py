@@ -18,10 +18,11 @@ import numpy as np
 from PIL import Image
 
 from app.api.settings import Settings
-from app.engine import Engine, Options, Upload
+from app.engine import Engine, Options, Result, Upload
 from app.engine.errors import ModelLoadError
+from app.engine.geometry import geojson_document
 from app.engine.imaging import decode_image, encode_overlay_png
-from app.engine.report import item_document
+from app.engine.report import cell_from_document, item_document
 
 _MAX_RETRY_AFTER_S = 30.0
 
@@ -32,11 +33,13 @@ class FatalError(RuntimeError):
 
 @dataclass(frozen=True)
 class FileResult:
-    """One file's outcome: the service's JSON for it, and its PNGs when it was segmented."""
+    """One file's outcome: the service's JSON for it, and its PNGs and GeoJSON when it was segmented."""
 
     record: dict[str, Any]
     mask_png: bytes | None = None
     overlay_png: bytes | None = None
+    instances_png: bytes | None = None
+    geojson: dict[str, Any] | None = None
 
 
 class Backend(Protocol):
@@ -45,7 +48,7 @@ class Backend(Protocol):
 
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
         """One result per path, in order; a file that fails becomes a failure record."""
-        ...
+        ...  # pragma: no cover
 
 
 def failure(filename: str, status: int | None, title: str, detail: str) -> FileResult:
@@ -62,7 +65,8 @@ def _read(path: Path) -> bytes | FileResult:
 class LocalBackend:
     """The model in this process, through the same `Engine` the service runs."""
 
-    def __init__(self, model_path: Path | None, device: str | None, batch_size: int, overlays: bool) -> None:
+    def __init__(self, model_path: Path | None, device: str | None, batch_size: int, overlays: bool,
+                 geojson: bool = False) -> None:
         overrides: dict[str, Any] = {"max_batch_size": min(batch_size, 256), "warmup_runs": 0}
         if model_path is not None:
             overrides["model_path"] = model_path
@@ -74,13 +78,15 @@ class LocalBackend:
         except ModelLoadError as exc:
             raise FatalError(f"cannot load the model: {exc}") from exc
         self.overlays = overlays
+        self.geojson = geojson
         self.chunk_size = batch_size
         self.model = self.engine.metadata.ref
 
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
         contents = [_read(p) for p in paths]
         uploads = [Upload(p.name, c) for p, c in zip(paths, contents, strict=True) if isinstance(c, bytes)]
-        options = Options(pixel_size_um, mask_png=True, overlay_png=self.overlays)
+        options = Options(pixel_size_um, mask_png=True, overlay_png=self.overlays, instances_png=True,
+                          geojson=self.geojson)
         done = iter(self.engine.segment_many(uploads, options))
         results = []
         for content in contents:
@@ -88,8 +94,11 @@ class LocalBackend:
                 results.append(content)
                 continue
             item = next(done)
-            results.append(FileResult(item_document(item), getattr(item, "mask_png", None),
-                                      getattr(item, "overlay_png", None)))
+            if isinstance(item, Result):
+                results.append(FileResult(item_document(item), item.mask_png, item.overlay_png,
+                                          item.instances_png, item.geojson))
+            else:
+                results.append(FileResult(item_document(item)))
         return results
 
 
@@ -97,13 +106,15 @@ class RemoteBackend:
     """A running service: `POST /v1/segment/batch?format=json&include_mask=true`, in chunks."""
 
     def __init__(self, url: str, api_key: str | None, batch_size: int, overlays: bool, retries: int = 4,
-                 timeout_s: float = 300.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout_s: float = 300.0, transport: httpx.BaseTransport | None = None,
+                 geojson: bool = False) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport,
                                    timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.retries = retries
         self.overlays = overlays
+        self.geojson = geojson
         self.chunk_size = batch_size
         ready = self._ready()
         self.model = {"name": ready.get("model", ""), "version": ready.get("version", "")}
@@ -127,7 +138,7 @@ class RemoteBackend:
         return [c if isinstance(c, FileResult) else next(answers) for c in contents]
 
     def _send(self, items: list[tuple[Path, bytes]], pixel_size_um: float | None) -> list[FileResult]:
-        params: dict[str, Any] = {"format": "json", "include_mask": "true"}
+        params: dict[str, Any] = {"format": "json", "include_mask": "true", "include_instances": "true"}
         if pixel_size_um is not None:
             params["pixel_size_um"] = pixel_size_um
         files = [("files", (path.name, data, "application/octet-stream")) for path, data in items]
@@ -160,12 +171,24 @@ class RemoteBackend:
         if "error" in record:
             return FileResult(record)
         mask_png = base64.b64decode(record.pop("mask_png_base64"))
-        overlay = None
-        if self.overlays:
-            # Drawn here with the service's own code: the JSON answer carries the mask, not the overlay.
+        # A service older than API v1.1 sends no instance mask and no cells.
+        encoded = record.pop("instances_png_base64", None)
+        instances_png = base64.b64decode(encoded) if encoded else None
+        overlay, geojson = None, None
+        if self.overlays and instances_png is None:
             mask = np.asarray(Image.open(io.BytesIO(mask_png)))
             overlay = encode_overlay_png(np.asarray(decode_image(data, mask.size)), mask)
-        return FileResult(record, mask_png, overlay)
+        elif self.overlays or self.geojson:
+            # Made here with the engine's own code: the JSON answer carries the masks, not these.
+            mask = np.asarray(Image.open(io.BytesIO(mask_png)))
+            instances = np.asarray(Image.open(io.BytesIO(instances_png)))
+            cells = [cell_from_document(c) for c in record["cells"]]
+            if self.overlays:
+                overlay = encode_overlay_png(np.asarray(decode_image(data, mask.size)), mask, instances,
+                                             [(c.id, c.centroid) for c in cells])
+            if self.geojson:
+                geojson = geojson_document(cells, instances, mask)
+        return FileResult(record, mask_png, overlay, instances_png, geojson)
 
 
 def _retry_after(response: httpx.Response) -> float:

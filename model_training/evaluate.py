@@ -26,7 +26,7 @@ from tqdm import tqdm
 from model_training.data import Sample, split_samples
 from model_training.loading import LoadedModel, load_model
 from model_training.metrics import average_score, region_scores, summarize
-from model_training.predict import predict_labels
+from model_training.predict import predict_labels, predict_primary_cell
 from model_training.report import (
     AVERAGE_SCORE_DEFINITION,
     Example,
@@ -60,6 +60,7 @@ class EvaluateConfig:
     examples: int = 3
     device: str = "auto"
     threads: int = 0
+    per_cell: bool = False                  # score the primary cell of the per-cell path
 
 
 def data_config(model: LoadedModel, cfg: EvaluateConfig) -> TrainConfig:
@@ -109,14 +110,16 @@ def select_split(samples: Sequence[Sample], split: str, train_cfg: TrainConfig,
     return chosen
 
 
-def score_model(model: LoadedModel, samples: Sequence[Sample],
-                device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def score_model(model: LoadedModel, samples: Sequence[Sample], device: torch.device,
+                per_cell: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Predict and score every sample at its own resolution, as the service would return its mask.
 
     Args:
         model: the loaded model and its input size.
         samples: images `(H, W, 3)` uint8 with labels `(H, W)`.
         device: where the model runs.
+        per_cell: score the primary cell of the service's per-cell path instead of the whole image
+            (the expert masks hold the crop's centred cell).
 
     Returns:
         The model's report entry (overall and per-source summaries, per-image scores) and its
@@ -124,7 +127,8 @@ def score_model(model: LoadedModel, samples: Sequence[Sample],
     """
     per_image, predictions = [], {}
     for s in tqdm(samples, desc=model.label, unit="img", leave=False):
-        pred = predict_labels(model.module, s.image, model.transform, device)
+        predict = predict_primary_cell if per_cell else predict_labels
+        pred = predict(model.module, s.image, model.transform, device)
         scores = region_scores(pred, s.label)
         predictions[f"{s.source}/{s.name}"] = pred
         per_image.append({"source": s.source, "name": s.name, "height": int(s.label.shape[0]),
@@ -191,7 +195,7 @@ def score_all(cfg: EvaluateConfig, device: torch.device) -> tuple[list[dict[str,
         if key not in cache:
             cache[key] = load_samples(train_cfg)
         samples = select_split(cache[key], cfg.split, train_cfg, model.val_names)
-        entry, preds = score_model(model, samples, device)
+        entry, preds = score_model(model, samples, device, cfg.per_cell)
         entries.append({**entry, "split": cfg.split, "data": data, "group": group_name(entry, cfg.group_by)})
         predictions.append(preds)
         first_samples = first_samples or {f"{s.source}/{s.name}": s for s in samples}
@@ -222,7 +226,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     entries, examples = score_all(cfg, _device(cfg.device))
     groups = group_runs(entries)
-    report = {"schema_version": 1, "created": _now(), "split": cfg.split,
+    report = {"schema_version": 1, "created": _now(), "split": cfg.split, "per_cell": cfg.per_cell,
               "average_score": AVERAGE_SCORE_DEFINITION, "warnings": _warnings(entries), "models": entries,
               "groups": groups, "comparisons": compare_groups(groups)}
     out = Path(cfg.out)
@@ -277,6 +281,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     p.add_argument("--examples", type=int, default=3, help="example overlays in the figure (default: 3)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: its own)")
+    p.add_argument("--per-cell", action="store_true",
+                   help="score the primary cell the service finds (finder, windows at the model's scale, "
+                        "stitching) instead of the whole-image mask")
     return EvaluateConfig(**vars(p.parse_args(argv)))
 
 

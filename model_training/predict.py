@@ -1,4 +1,5 @@
-"""Whole-image prediction exactly as the service does it: the engine's transform in, its label resize out."""
+"""Prediction exactly as the service does it: the engine's transform in, its label resize out; whole
+image (v1) or the primary cell of the engine's per-cell path (finder, windows, stitching)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.engine.cells import measure_cells, primary_cell, segment_cells
 from app.engine.labels import labels_at_size
 from app.engine.transform import InputTransform
 
@@ -25,3 +27,23 @@ def predict_labels(model: nn.Module, image: np.ndarray, transform: InputTransfor
     x = torch.from_numpy(transform(image))[None].to(device)
     logits = model(x).float()[0].cpu().numpy()
     return labels_at_size(logits, image.shape[:2])
+
+
+@torch.no_grad()
+def predict_primary_cell(model: nn.Module, image: np.ndarray, transform: InputTransform,
+                         device: torch.device | str = "cpu") -> np.ndarray:
+    """Class indices `(H, W)` uint8 of the image's primary cell alone (API.md: the cell under the image
+    centre, else the nearest large one), all zero when the service would find no leukocyte.
+
+    Args: as `predict_labels`.
+    """
+    model.eval()
+
+    def infer(x: np.ndarray) -> tuple[np.ndarray, float]:
+        return model(torch.from_numpy(x).to(device)).float().cpu().numpy(), 0.0
+
+    stitched, _ = segment_cells(image, transform, infer)
+    primary = primary_cell(measure_cells(stitched, None), stitched.instances)
+    if primary is None:
+        return np.zeros(image.shape[:2], np.uint8)
+    return np.where(stitched.instances == primary, stitched.labels, 0).astype(np.uint8)

@@ -90,3 +90,56 @@ def write_folder(folder: Path | str, count: int, size: int = 96, seed: int = 0,
         Image.fromarray(image).save(folder / "images" / f"{i:03d}.png")
         Image.fromarray(levels[label]).save(folder / "masks" / f"{i:03d}.png")
     return folder
+
+
+#: Colours of `make_field`: background, red cell and its pale centre, cytoplasm, nucleus, platelet.
+FIELD_COLOURS = {"background": (236, 222, 205), "red": (214, 140, 150), "red_centre": (226, 172, 176),
+                 "cytoplasm": (205, 188, 218), "nucleus": (105, 70, 170), "platelet": (150, 120, 190)}
+
+
+def lobes(cx: int, cy: int, count: int = 3, spread: int = 18, radius: int = 11) -> list[tuple[int, int, int]]:
+    """Circles (x, y, r) of a multi-lobed (neutrophil-like) nucleus around (cx, cy)."""
+    angles = np.linspace(0, 2 * np.pi, count, endpoint=False) + 0.4
+    return [(int(cx + spread * np.cos(a)), int(cy + spread * np.sin(a)), radius) for a in angles]
+
+
+FieldCell = tuple[int, int, int, list[tuple[int, int, int]]]
+
+
+def make_field(cells: list[FieldCell], size: tuple[int, int] = (480, 640), seed: int = 0,
+               red_cells: int = 28, platelets: int = 4,
+               rbc_radius: int = 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A smear field of view: red cells with pale centres, platelets, then leukocytes on top.
+
+    Args:
+        cells: per leukocyte `(cx, cy, cell_radius, nucleus circles [(x, y, r), ...])`.
+        size: (height, width).
+
+    Returns:
+        image `(H, W, 3)` uint8 RGB, labels `(H, W)` uint8 (0 background, 1 cytoplasm, 2 nucleus) and
+        instances `(H, W)` uint16 (leukocyte i is i + 1, in the order given).
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    image = np.empty((h, w, 3), np.uint8)
+    image[:] = FIELD_COLOURS["background"]
+    labels = np.zeros((h, w), np.uint8)
+    instances = np.zeros((h, w), np.uint16)
+    for _ in range(red_cells):
+        x, y, r = int(rng.uniform(0, w)), int(rng.uniform(0, h)), int(rbc_radius * rng.uniform(0.9, 1.1))
+        cv2.circle(image, (x, y), r, FIELD_COLOURS["red"], -1)
+        cv2.circle(image, (x, y), r // 2, FIELD_COLOURS["red_centre"], -1)
+    for _ in range(platelets):
+        cv2.circle(image, (int(rng.uniform(0, w)), int(rng.uniform(0, h))), 4, FIELD_COLOURS["platelet"], -1)
+    for index, (cx, cy, radius, nuclei) in enumerate(cells, start=1):
+        cv2.circle(image, (cx, cy), radius, FIELD_COLOURS["cytoplasm"], -1)
+        cv2.circle(labels, (cx, cy), radius, 1, -1)
+        cv2.circle(instances, (cx, cy), radius, index, -1)
+        for x, y, r in nuclei:
+            cv2.circle(image, (x, y), r, FIELD_COLOURS["nucleus"], -1)
+            cv2.circle(labels, (x, y), r, 2, -1)
+    image = cv2.GaussianBlur(image, (5, 5), 1.0)
+    noisy = image + rng.normal(0, 3, image.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), labels, instances

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 _EXPOSED_HEADERS = [REQUEST_ID_HEADER, "Retry-After", "Content-Disposition",
-                    "X-Area-Nucleus-Px", "X-Area-Cytoplasm-Px", "X-Area-Cell-Px"]
+                    "X-Area-Nucleus-Px", "X-Area-Cytoplasm-Px", "X-Area-Cell-Px", "X-Cell-Count"]
 
 
 def _version() -> str:

@@ -65,8 +65,21 @@ class ModelRef(BaseModel):
     version: str
 
 
+class CellResult(BaseModel):
+    """One leukocyte: its id in the instance mask, where it is and what it measures."""
+
+    id: int = Field(description="The cell's value in the instance mask (1..cell_count)")
+    bbox: tuple[int, int, int, int] = Field(description="x, y, width, height of the cell, in input pixels")
+    centroid: tuple[float, float] = Field(description="x, y")
+    areas_px: Areas
+    areas_um2: AreasUm2 | None
+    nc_ratio: float | None
+    touches_border: bool = Field(description="The cell is cut by the image edge: its areas are partial")
+    score: float = Field(ge=0, le=1, description="How sure the service is that this is one whole leukocyte")
+
+
 class SegmentResult(BaseModel):
-    """Measurements of one segmented image."""
+    """Measurements of one segmented image: every leukocyte pooled (v1), and each on its own (v1.1)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -78,8 +91,16 @@ class SegmentResult(BaseModel):
     fractions: Fractions
     nc_ratio: float | None = Field(description="nucleus / cytoplasm area; null without cytoplasm")
     model: ModelRef
-    inference_ms: float = Field(description="Duration of the model run that included this image")
+    inference_ms: float = Field(description="Duration of the model run that included this image's cells")
+    cell_count: int
+    primary_cell_id: int | None = Field(description="The cell under the image centre, else the nearest one "
+                                                    "whose box covers at least 10 % of the image")
+    pixel_size_um: float | None = Field(description="The pixel size the areas in µm² used")
+    pixel_size_source: Literal["request", "file"] | None
+    cells: list[CellResult]
     mask_png_base64: str | None = Field(None, description="The label mask as PNG; with include_mask only")
+    instances_png_base64: str | None = Field(None, description="The 16-bit instance PNG; with "
+                                                               "include_instances only")
 
 
 class FileError(BaseModel):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -26,6 +28,8 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 
 #: Colour of each class id in mask and overlay PNGs: background, cytoplasm, nucleus.
 CLASS_COLORS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 190, 255), (255, 200, 0))
+#: Outline and number colour of each cell in overlays.
+CELL_OUTLINE: tuple[int, int, int] = (255, 255, 255)
 _OVERLAY_ALPHA = np.array([0, 96, 128], np.uint16)  # out of 256, per class
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -122,8 +126,10 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Draw the classes over an `(H, W, 3)` uint8 RGB image: a translucent fill, an opaque outline.
+def overlay(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = None,
+            labels: Sequence[tuple[int, tuple[float, float]]] = ()) -> np.ndarray:
+    """Draw the classes over an `(H, W, 3)` uint8 RGB image: a translucent fill, an opaque outline; with
+    `instances`, each cell's outer edge in white and its number (`labels`: id, (x, y)) beside it.
 
     Returns:
         `(H, W, 3)` uint8 RGB.
@@ -133,7 +139,23 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = (image.astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8
     edge = _edges(mask) & (mask > 0)
     out[edge] = colors[edge]
-    return out.astype(np.uint8)
+    out = out.astype(np.uint8)
+    if instances is not None:
+        out[_edges(instances) & (instances > 0)] = CELL_OUTLINE
+        _number(out, labels)
+    return out
+
+
+def _number(image: np.ndarray, labels: Sequence[tuple[int, tuple[float, float]]]) -> None:
+    """Write each cell's id at its centroid, white on a dark outline, scaled to the image."""
+    scale = max(0.4, min(image.shape[:2]) / 500)
+    thickness = max(1, round(scale * 2))
+    for cell_id, (x, y) in labels:
+        text = str(cell_id)
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        origin = (int(x - w / 2), int(y + h / 2))
+        for colour, width in (((0, 0, 0), thickness + 2), (CELL_OUTLINE, thickness)):
+            cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, width, cv2.LINE_AA)
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
@@ -148,8 +170,16 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return edge
 
 
-def encode_overlay_png(image: np.ndarray, mask: np.ndarray) -> bytes:
-    """The overlay of `mask` on `(H, W, 3)` RGB `image`, as an RGB PNG."""
+def encode_overlay_png(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = None,
+                       labels: Sequence[tuple[int, tuple[float, float]]] = ()) -> bytes:
+    """The overlay of `mask` (and numbered cells) on `(H, W, 3)` RGB `image`, as an RGB PNG."""
     buffer = io.BytesIO()
-    Image.fromarray(overlay(image, mask)).save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(overlay(image, mask, instances, labels)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode_instances_png(instances: np.ndarray) -> bytes:
+    """`(H, W)` uint16 cell ids → a 16-bit greyscale PNG holding them exactly."""
+    buffer = io.BytesIO()
+    Image.fromarray(instances.astype(np.uint16)).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()

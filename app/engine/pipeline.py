@@ -1,28 +1,32 @@
-"""The engine's entry point: bytes in, a `Result` (measurements, encoded mask and overlay) or a `Failure`.
+"""The engine's entry point: bytes in, a `Result` (every leukocyte and its measurements, the encoded
+masks) or a `Failure`.
 
-`Engine.segment` and `Engine.segment_many` are plain blocking functions. The folder command calls them
-in process; the service calls them on worker threads with `infer` routed through its batcher, so that
-concurrent requests share model runs. Nothing here knows about HTTP.
+Per image: decode, find the leukocytes (`locate`), cut a window around each at the model's scale
+(`cells`), run every window of the image as one batch, stitch the windows' labels into a class mask and
+an instance mask at the image's size, measure, encode. `Engine.segment` and `Engine.segment_many` are
+plain blocking functions. The folder command calls them in process; the service calls them on worker
+threads with `infer` routed through its batcher, so that concurrent requests share model runs. Nothing
+here knows about HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from app.engine.cells import Cell, Infer, Stitcher, measure_cells, primary_cell, segment_cells
 from app.engine.contract import ModelMetadata
 from app.engine.errors import ServiceError
-from app.engine.imaging import decode_image, encode_mask_png, encode_overlay_png
-from app.engine.labels import labels_at_size
+from app.engine.geometry import geojson_document
+from app.engine.imaging import decode_image, encode_instances_png, encode_mask_png, encode_overlay_png
 from app.engine.measure import Measurements, measure
+from app.engine.pixel_size import pixel_size_from_file
 from app.engine.session import Model, ModelConfig
 from app.engine.transform import InputTransform
-
-#: `(N, 3, h, w)` float32 network inputs → `(N, C, h, w)` logits and the milliseconds of the run(s).
-Infer = Callable[[np.ndarray], tuple[np.ndarray, float]]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class Options:
     pixel_size_um: float | None = None
     mask_png: bool = False
     overlay_png: bool = False
+    instances_png: bool = False
+    geojson: bool = False
+    cell_diameter_px: float | None = None
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,14 @@ class Result:
     measurements: Measurements
     inference_ms: float
     model: dict[str, str]
+    cells: list[Cell]
+    primary_cell_id: int | None
+    pixel_size_um: float | None
+    pixel_size_source: str | None  # "request", "file" or None
     mask_png: bytes | None = None
     overlay_png: bytes | None = None
+    instances_png: bytes | None = None
+    geojson: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,11 +77,11 @@ class Upload:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A decoded image `(H, W, 3)` uint8 and its network input `(3, h, w)`."""
+class _Decoded:
+    """A decoded image `(H, W, 3)` uint8 and the pixel size its file records."""
 
     pixels: np.ndarray
-    tensor: np.ndarray
+    file_pixel_size_um: float | None
 
 
 class Engine:
@@ -115,38 +128,34 @@ class Engine:
 
     def segment_many(self, uploads: Sequence[Upload], options: Options,
                      infer: Infer | None = None) -> list[Result | Failure]:
-        """Segment files in upload order, in groups of the model's batch size, each group one model run;
-        a file that fails becomes a `Failure` in its place and never stops the others."""
-        results: list[Result | Failure] = []
-        size = self.model.max_batch_size
-        for start in range(0, len(uploads), size):
-            results += self._segment_group(uploads[start:start + size], options, infer or self.infer)
-        return results
+        """Segment files in upload order, each image's cell windows as one model run; a file that fails
+        becomes a `Failure` in its place and never stops the others."""
+        return [self._segment_one(upload, options, infer or self.infer) for upload in uploads]
 
-    def _segment_group(self, uploads: Sequence[Upload], options: Options,
-                       infer: Infer) -> list[Result | Failure]:
-        items = [self._prepare(upload) for upload in uploads]
-        prepared = [item for item in items if isinstance(item, _Prepared)]
-        if not prepared:
-            return [item for item in items if isinstance(item, Failure)]
-        logits, run_ms = infer(np.stack([item.tensor for item in prepared]))
-        outputs = iter(logits)
-        return [item if isinstance(item, Failure) else self._finish(upload.filename, item, next(outputs),
-                                                                      run_ms, options)
-                for upload, item in zip(uploads, items, strict=True)]
-
-    def _prepare(self, upload: Upload) -> _Prepared | Failure:
+    def _segment_one(self, upload: Upload, options: Options, infer: Infer) -> Result | Failure:
         try:
             if upload.error is not None:
                 raise upload.error
             image = decode_image(upload.data, self.max_pixels)
         except ServiceError as exc:
             return Failure(upload.filename, exc)
-        return _Prepared(np.asarray(image), self.transform(image))
+        file_size = None if options.pixel_size_um else pixel_size_from_file(upload.data)
+        decoded = _Decoded(np.asarray(image), file_size)
+        stitched, run_ms = segment_cells(decoded.pixels, self.transform, infer, options.cell_diameter_px)
+        return self._finish(upload.filename, decoded, stitched, run_ms, options)
 
-    def _finish(self, filename: str, prepared: _Prepared, logits: np.ndarray, run_ms: float,
+    def _finish(self, filename: str, decoded: _Decoded, stitched: Stitcher, run_ms: float,
                 options: Options) -> Result:
-        mask = labels_at_size(logits, prepared.pixels.shape[:2])
-        return Result(filename, measure(mask, options.pixel_size_um), run_ms, self.metadata.ref,
-                      encode_mask_png(mask) if options.mask_png else None,
-                      encode_overlay_png(prepared.pixels, mask) if options.overlay_png else None)
+        pixel_size, source = ((options.pixel_size_um, "request") if options.pixel_size_um else
+                              (decoded.file_pixel_size_um, "file") if decoded.file_pixel_size_um else
+                              (None, None))
+        cells = measure_cells(stitched, pixel_size)
+        return Result(
+            filename, measure(stitched.labels, pixel_size), run_ms, self.metadata.ref, cells,
+            primary_cell(cells, stitched.instances), pixel_size, source,
+            mask_png=encode_mask_png(stitched.labels) if options.mask_png else None,
+            overlay_png=(encode_overlay_png(decoded.pixels, stitched.labels, stitched.instances,
+                                            [(c.id, c.centroid) for c in cells])
+                         if options.overlay_png else None),
+            instances_png=encode_instances_png(stitched.instances) if options.instances_png else None,
+            geojson=geojson_document(cells, stitched.instances, stitched.labels) if options.geojson else None)

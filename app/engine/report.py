@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import PurePosixPath
 from typing import IO, Any
 
+from app.engine.cells import Cell
 from app.engine.contract import REGIONS
 from app.engine.pipeline import Failure, Result
 
@@ -21,8 +22,14 @@ _CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 #: One row per file, in the service's batch ZIP and the folder command's `results.csv` alike.
 RESULT_COLUMNS: tuple[str, ...] = (
-    "filename", "width", "height", *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS),
-    *(f"fraction_{r}" for r in REGIONS), "nc_ratio", "mask", "overlay", "error")
+    "filename", "width", "height", "cell_count", "primary_cell_id", "pixel_size_um", "pixel_size_source",
+    *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS),
+    *(f"fraction_{r}" for r in REGIONS), "nc_ratio", "mask", "instances", "overlay", "error")
+#: One row per cell, in `cells.csv` of the batch ZIP and of the folder command.
+CELL_COLUMNS: tuple[str, ...] = (
+    "filename", "cell_id", "bbox_x", "bbox_y", "bbox_width", "bbox_height", "centroid_x", "centroid_y",
+    *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS), "nc_ratio", "touches_border",
+    "score", "primary")
 
 
 def client_filename(name: str | None, default: str = "image") -> str:
@@ -52,7 +59,15 @@ def unique_stems(filenames: Sequence[str]) -> list[str]:
     return stems
 
 
-def result_document(result: Result, include_mask: bool = False) -> dict[str, Any]:
+def cell_document(cell: Cell) -> dict[str, Any]:
+    """The JSON of one cell (the API's `CellResult`)."""
+    return {"id": cell.id, "bbox": list(cell.bbox), "centroid": list(cell.centroid),
+            "areas_px": cell.areas_px, "areas_um2": cell.areas_um2, "nc_ratio": cell.nc_ratio,
+            "touches_border": cell.touches_border, "score": cell.score}
+
+
+def result_document(result: Result, include_mask: bool = False,
+                    include_instances: bool = False) -> dict[str, Any]:
     """The JSON of one segmented image (the API's `SegmentResult`)."""
     m = result.measurements
     document: dict[str, Any] = {
@@ -60,10 +75,23 @@ def result_document(result: Result, include_mask: bool = False) -> dict[str, Any
         "areas_px": m.areas_px, "areas_um2": m.areas_um2,
         "fractions": m.fractions, "nc_ratio": m.nc_ratio,
         "model": result.model, "inference_ms": round(result.inference_ms, 2),
+        "cell_count": len(result.cells), "primary_cell_id": result.primary_cell_id,
+        "pixel_size_um": result.pixel_size_um, "pixel_size_source": result.pixel_size_source,
+        "cells": [cell_document(c) for c in result.cells],
     }
     if include_mask and result.mask_png is not None:
         document["mask_png_base64"] = base64.b64encode(result.mask_png).decode("ascii")
+    if include_instances and result.instances_png is not None:
+        document["instances_png_base64"] = base64.b64encode(result.instances_png).decode("ascii")
     return document
+
+
+def cell_from_document(document: dict[str, Any]) -> Cell:
+    """The `Cell` of a cell's JSON (`cell_document`'s inverse)."""
+    return Cell(id=document["id"], bbox=tuple(document["bbox"]),
+                centroid=tuple(document["centroid"]), areas_px=document["areas_px"],
+                areas_um2=document["areas_um2"], nc_ratio=document["nc_ratio"],
+                touches_border=document["touches_border"], score=document["score"])
 
 
 def failure_document(failure: Failure) -> dict[str, Any]:
@@ -73,15 +101,19 @@ def failure_document(failure: Failure) -> dict[str, Any]:
             "error": {"status": error.status, "title": error.title, "detail": error.detail}}
 
 
-def item_document(item: Result | Failure, include_mask: bool = False) -> dict[str, Any]:
+def item_document(item: Result | Failure, include_mask: bool = False,
+                  include_instances: bool = False) -> dict[str, Any]:
     """`result_document` or `failure_document`, whichever `item` is."""
-    return failure_document(item) if isinstance(item, Failure) else result_document(item, include_mask)
+    if isinstance(item, Failure):
+        return failure_document(item)
+    return result_document(item, include_mask, include_instances)
 
 
-def batch_document(items: Sequence[Result | Failure], include_mask: bool = False) -> dict[str, Any]:
+def batch_document(items: Sequence[Result | Failure], include_mask: bool = False,
+                   include_instances: bool = False) -> dict[str, Any]:
     """The JSON of a batch (`BatchResult`), in upload order."""
     return {"count": len(items), "failed": sum(isinstance(i, Failure) for i in items),
-            "results": [item_document(i, include_mask) for i in items]}
+            "results": [item_document(i, include_mask, include_instances) for i in items]}
 
 
 def error_text(error: dict[str, Any] | None) -> str:
@@ -92,18 +124,38 @@ def error_text(error: dict[str, Any] | None) -> str:
     return f"{prefix} {error['detail']}"
 
 
-def csv_row(document: dict[str, Any], mask: str = "", overlay: str = "") -> dict[str, Any]:
+def csv_row(document: dict[str, Any], mask: str = "", overlay: str = "",
+            instances: str = "") -> dict[str, Any]:
     """One `RESULT_COLUMNS` row of a result or failure document, with the names of its written files."""
     row: dict[str, Any] = {"filename": document["filename"], "mask": mask, "overlay": overlay,
-                           "error": error_text(document.get("error"))}
+                           "instances": instances, "error": error_text(document.get("error"))}
     if document.get("error"):
         return row
-    row.update(width=document["width"], height=document["height"], nc_ratio=document["nc_ratio"])
+    keys = ("width", "height", "nc_ratio", "cell_count", "primary_cell_id", "pixel_size_um",
+            "pixel_size_source")
+    row.update({key: document.get(key) for key in keys})
     for region in REGIONS:
         row[f"area_{region}_px"] = document["areas_px"][region]
         row[f"area_{region}_um2"] = document["areas_um2"][region] if document["areas_um2"] else None
         row[f"fraction_{region}"] = document["fractions"][region]
     return row
+
+
+def cell_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `CELL_COLUMNS` rows of a result document's cells (none for a failure)."""
+    rows = []
+    for cell in document.get("cells", []):
+        x, y, w, h = cell["bbox"]
+        row = {"filename": document["filename"], "cell_id": cell["id"], "bbox_x": x, "bbox_y": y,
+               "bbox_width": w, "bbox_height": h, "centroid_x": cell["centroid"][0],
+               "centroid_y": cell["centroid"][1], "nc_ratio": cell["nc_ratio"],
+               "touches_border": cell["touches_border"], "score": cell["score"],
+               "primary": cell["id"] == document.get("primary_cell_id")}
+        for region in REGIONS:
+            row[f"area_{region}_px"] = cell["areas_px"][region]
+            row[f"area_{region}_um2"] = cell["areas_um2"][region] if cell["areas_um2"] else None
+        rows.append(row)
+    return rows
 
 
 def write_csv(rows: Iterable[dict[str, Any]], stream: IO[str],
@@ -125,23 +177,28 @@ def _cell(value: Any) -> Any:
 
 
 def batch_zip(items: Sequence[Result | Failure], overlay: bool) -> bytes:
-    """`<stem>_mask.png` (and `<stem>_overlay.png`) per image, `results.csv` and `results.json`."""
+    """`<stem>_mask.png`, `<stem>_instances.png` (and `<stem>_overlay.png`) per image, `results.csv`,
+    `cells.csv` and `results.json`."""
     stems = unique_stems([i.filename for i in items])
     buffer = io.BytesIO()
-    rows = []
+    rows, cells = [], []
     with zipfile.ZipFile(buffer, "w") as archive:
         for item, stem in zip(items, stems, strict=True):
             names = {}
-            if isinstance(item, Result) and item.mask_png is not None:
-                names["mask"] = f"{stem}_mask.png"
-                archive.writestr(names["mask"], item.mask_png, zipfile.ZIP_STORED)
-            if overlay and isinstance(item, Result) and item.overlay_png is not None:
-                names["overlay"] = f"{stem}_overlay.png"
-                archive.writestr(names["overlay"], item.overlay_png, zipfile.ZIP_STORED)
-            rows.append(csv_row(item_document(item), **names))
-        text = io.StringIO()
-        write_csv(rows, text)
-        archive.writestr("results.csv", text.getvalue(), zipfile.ZIP_DEFLATED)
+            if isinstance(item, Result):
+                for kind, data in (("mask", item.mask_png), ("instances", item.instances_png),
+                                   ("overlay", item.overlay_png if overlay else None)):
+                    if data is not None:
+                        names[kind] = f"{stem}_{kind}.png"
+                        archive.writestr(names[kind], data, zipfile.ZIP_STORED)
+            document = item_document(item)
+            rows.append(csv_row(document, **names))
+            cells += cell_rows(document)
+        tables = (("results.csv", rows, RESULT_COLUMNS), ("cells.csv", cells, CELL_COLUMNS))
+        for name, table, columns in tables:
+            text = io.StringIO()
+            write_csv(table, text, columns)
+            archive.writestr(name, text.getvalue(), zipfile.ZIP_DEFLATED)
         archive.writestr("results.json", json.dumps(batch_document(items), indent=2, allow_nan=False),
                          zipfile.ZIP_DEFLATED)
     return buffer.getvalue()

@@ -216,3 +216,42 @@ def test_remote_mode_waits_out_a_busy_service(tmp_path: Path, busy_answers: int,
     else:
         assert result.record["error"]["status"] == expected_status
         assert "queue is full" in result.record["error"]["detail"]
+
+
+def test_in_process_run_writes_instance_masks_cells_table_and_geojson(tmp_path: Path) -> None:
+    from shapely.geometry import shape
+
+    from model_training.synthetic import lobes, make_field
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    field = make_field([(170, 150, 40, lobes(170, 150)), (460, 300, 36, [(460, 300, 22)])])[0]
+    (folder / "field.png").write_bytes(encode(field))
+    (folder / "empty.png").write_bytes(encode(make_field([], red_cells=20)[0]))
+    code = main([str(folder), str(out), "--model", str(REPO / "weights" / "model.onnx"), "--geojson",
+                 "--overlays", "--no-progress"])
+    assert code == 0
+    rows = read_rows(out)
+    assert (rows["field.png"]["cell_count"], rows["empty.png"]["cell_count"]) == ("2", "0")
+    with Image.open(out / rows["field.png"]["instances"]) as image:
+        ids = np.asarray(image)
+    with (out / "cells.csv").open(newline="", encoding="utf-8") as f:
+        cells = list(csv.DictReader(f))
+    assert [c["filename"] for c in cells] == ["field.png", "field.png"]
+    for cell in cells:
+        assert int((ids == int(cell["cell_id"])).sum()) == int(cell["area_cell_px"])
+    features = json.loads((out / "geojson" / "field.geojson").read_text())["features"]
+    assert len(features) == 2 and all(shape(f["geometry"]).is_valid for f in features)
+    assert json.loads((out / "geojson" / "empty.geojson").read_text())["features"] == []
+
+
+def test_inputs_whose_output_names_would_collide_each_keep_their_own_files(tmp_path: Path,
+                                                                           tiny_model_dir: Path) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for seed, name in enumerate(("a.png", "a.bmp", "a_png.bmp")):
+        (folder / name).write_bytes(encode(sample_rgb(seed=seed), "BMP" if name.endswith("bmp") else "PNG"))
+    assert main([str(folder), str(out), "--model", str(tiny_model_dir / "model.onnx"), "--no-progress"]) == 0
+    masks = [row["mask"] for row in read_rows(out).values()]
+    assert len(masks) == len(set(masks)) == 3
+    assert all((out / m).is_file() for m in masks)

@@ -31,41 +31,62 @@ MAX_PIXEL_SIZE_UM = 10_000.0
 PixelSize = Annotated[float | None, Query(gt=0, le=MAX_PIXEL_SIZE_UM, allow_inf_nan=False,
                                           description="Microns per pixel; adds areas in µm²")]
 IncludeMask = Annotated[bool, Query(description="With format=json: add the mask PNG in base64")]
+IncludeInstances = Annotated[bool, Query(
+    description="With format=json: add the 16-bit instance PNG in base64 (instances_png_base64)")]
+CellDiameter = Annotated[float | None, Query(gt=0, le=100_000, allow_inf_nan=False, description=(
+    "A leukocyte's diameter in input pixels, a hint like Cellpose's diameter; without it the service "
+    "estimates the scale itself"))]
+_MEDIA = {"png": "image/png", "overlay": "image/png", "instances": "image/png",
+          "geojson": "application/geo+json"}
 
 
 @router.post(
     "/v1/segment", response_model=SegmentResult, summary="Segment one image",
-    responses={200: {"description": "JSON measurements, the label mask PNG, or an overlay PNG",
-                     "content": {"image/png": _BINARY}, "headers": _AREA_HEADERS},
+    responses={200: {"description": "JSON measurements, the label mask PNG, the 16-bit instance PNG, an "
+                                    "overlay PNG or QuPath GeoJSON",
+                     "content": {"image/png": _BINARY,
+                                 "application/geo+json": {"schema": {"type": "object"}}},
+                     "headers": _AREA_HEADERS},
                **problems(400, 413, 415, 422, 503)},
 )
 async def segment_image(
     runtime: RuntimeDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="A PNG, JPEG, BMP or TIFF image")],
-    output: Annotated[Literal["json", "png", "overlay"], Query(
-        alias="format", description="json: measurements; png: label mask (class ids); overlay: for people")
+    output: Annotated[Literal["json", "png", "overlay", "instances", "geojson"], Query(
+        alias="format", description="json: measurements; png: label mask (class ids); overlay: for people; "
+        "instances: 16-bit PNG of cell ids; geojson: QuPath cell objects")
     ] = "json",
     include_mask: IncludeMask = False,
+    include_instances: IncludeInstances = False,
     pixel_size_um: PixelSize = None,
+    cell_diameter_px: CellDiameter = None,
 ) -> Response:
-    """Nucleus and cytoplasm of one white blood cell image: measurements, mask or overlay."""
+    """Every leukocyte of one image, split into nucleus and cytoplasm: measurements, masks or outlines."""
     upload = await read_upload(file, settings.max_file_bytes)
     if upload.error is not None:
         runtime.metrics.images.labels("rejected").inc()
         raise upload.error
     options = Options(pixel_size_um, mask_png=output == "png" or include_mask,
-                      overlay_png=output == "overlay")
+                      overlay_png=output == "overlay",
+                      instances_png=output == "instances" or include_instances,
+                      geojson=output == "geojson", cell_diameter_px=cell_diameter_px)
     result = await run_engine(runtime, runtime.engine.segment, upload, options, runtime.batcher.infer)
     if isinstance(result, Failure):
         raise result.error
-    headers = area_headers(result)
+    headers = {**area_headers(result), "X-Cell-Count": str(len(result.cells))}
     if output == "json":
-        return json_response(result_document(result, include_mask), headers)
-    suffix = "mask" if output == "png" else "overlay"
-    headers["Content-Disposition"] = f'inline; filename="{safe_stem(upload.filename)}_{suffix}.png"'
-    content = result.mask_png if output == "png" else result.overlay_png
-    return Response(content, media_type="image/png", headers=headers)
+        return json_response(result_document(result, include_mask, include_instances), headers)
+    stem = safe_stem(upload.filename)
+    if output == "geojson":
+        headers["Content-Disposition"] = f'inline; filename="{stem}.geojson"'
+        body = json.dumps(result.geojson, allow_nan=False)
+        return Response(body, media_type=_MEDIA[output], headers=headers)
+    suffix = {"png": "mask", "overlay": "overlay", "instances": "instances"}[output]
+    headers["Content-Disposition"] = f'inline; filename="{stem}_{suffix}.png"'
+    images = {"png": result.mask_png, "overlay": result.overlay_png, "instances": result.instances_png}
+    content = images[output]
+    return Response(content, media_type=_MEDIA[output], headers=headers)
 
 
 @router.post(
@@ -82,7 +103,9 @@ async def segment_batch(
         alias="format", description="json: per-file results; zip: masks, results.csv and results.json")
     ] = "json",
     include_mask: IncludeMask = False,
+    include_instances: IncludeInstances = False,
     pixel_size_um: PixelSize = None,
+    cell_diameter_px: CellDiameter = None,
     overlay: Annotated[bool, Query(description="With format=zip: add <stem>_overlay.png per image")] = False,
 ) -> Response:
     """Segment every file; one that cannot be processed becomes an error item and the others go on."""
@@ -90,10 +113,11 @@ async def segment_batch(
         raise TooManyFilesError(f"The batch has {len(files)} files; the limit is {settings.max_files}.")
     uploads = [await read_upload(f, settings.max_file_bytes) for f in files]
     as_zip = output == "zip"
-    options = Options(pixel_size_um, mask_png=as_zip or include_mask, overlay_png=as_zip and overlay)
+    options = Options(pixel_size_um, mask_png=as_zip or include_mask, overlay_png=as_zip and overlay,
+                      instances_png=as_zip or include_instances, cell_diameter_px=cell_diameter_px)
     items = await segment_in_parallel(runtime, uploads, options)
     if not as_zip:
-        return json_response(batch_document(items, include_mask))
+        return json_response(batch_document(items, include_mask, include_instances))
     archive = await anyio.to_thread.run_sync(batch_zip, items, overlay, limiter=runtime.limiter)
     return Response(archive, media_type="application/zip",
                     headers={"Content-Disposition": 'attachment; filename="segmentation.zip"'})

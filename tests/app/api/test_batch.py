@@ -69,8 +69,8 @@ def test_zip_holds_masks_overlays_csv_and_json(client: TestClient, images: dict[
     assert response.headers["content-type"] == "application/zip"
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     assert sorted(archive.namelist()) == sorted(
-        [f"{s}_{kind}.png" for s in ("a", "b", "c") for kind in ("mask", "overlay")]
-        + ["results.csv", "results.json"])
+        [f"{s}_{kind}.png" for s in ("a", "b", "c") for kind in ("mask", "overlay", "instances")]
+        + ["results.csv", "cells.csv", "results.json"])
     document = json.loads(archive.read("results.json"))
     assert (document["count"], document["failed"]) == (4, 1)
     rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))

@@ -6,6 +6,7 @@ import base64
 import io
 import re
 
+import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -72,7 +73,9 @@ def test_overlay_is_an_rgb_png_of_the_input_size_that_differs_from_the_input(cli
     mask = png_array(client.post("/v1/segment?format=png", files=upload(encode(image))).content)
     changed = np.any(drawn != image, axis=2)
     assert changed[mask > 0].mean() > 0.9, "cell pixels are drawn over"
-    assert not changed[mask == 0].any(), "background stays as it was"
+    # Cell numbers may stand a few pixels over the edge of small cells; farther out nothing changes.
+    near = cv2.dilate((mask > 0).astype(np.uint8), np.ones((25, 25), np.uint8)) > 0
+    assert not changed[~near].any(), "background away from the cells stays as it was"
 
 
 @pytest.mark.parametrize(("width", "height"), [(1, 1), (7, 3), (101, 57), (333, 211), (64, 64)],

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support.service import copy_model, encode, png_array, running, sample_rgb, upload
+from support.service import TINY_INPUT, copy_model, encode, png_array, running, sample_rgb, upload
 
 from app.api.settings import Settings
 from app.engine import labels as interpolate
 from app.engine.contract import ModelMetadata
 from app.engine.labels import labels_at_size
 from app.engine.measure import measure
+from app.engine.session import Model, ModelConfig
 from app.engine.transform import InputTransform
 
 
@@ -54,16 +55,13 @@ def test_preprocessing_matches_training(tiny_model_dir: Path, size: tuple[int, i
     assert np.abs(got - expected).max() < 0.01 / 255 / min(meta.normalization.std)
 
 
-def test_class_order_comes_from_the_metadata(settings_for: Callable[..., Settings], tiny_model_dir: Path,
-                                             tmp_path: Path) -> None:
-    data = encode(sample_rgb(96, 80, seed=4))
-    with running(settings_for()) as client:
-        reference = png_array(client.post("/v1/segment?format=png", files=upload(data)).content)
+def test_class_order_comes_from_the_metadata(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reference = Model.open(ModelConfig(tiny_model_dir / "model.onnx", device="cpu"))
     renamed = copy_model(tiny_model_dir, tmp_path, classes=["nucleus", "background", "cytoplasm"])
-    with running(settings_for(model_path=renamed)) as client:
-        reordered = png_array(client.post("/v1/segment?format=png", files=upload(data)).content)
-    # Output channel k is now called classes[k]: channel 0 is nucleus (id 2), 1 background, 2 cytoplasm.
-    assert np.array_equal(reordered, np.array([2, 0, 1], np.uint8)[reference])
+    reordered = Model.open(ModelConfig(renamed, device="cpu"))
+    x = np.random.default_rng(0).standard_normal((2, 3, TINY_INPUT, TINY_INPUT)).astype(np.float32)
+    # Output channel k is now called classes[k]: the API's background is channel 1, cytoplasm 2, nucleus 0.
+    assert np.allclose(reordered.run(x), reference.run(x)[:, [1, 2, 0]], atol=1e-6)
 
 
 def test_input_size_comes_from_the_metadata(settings_for: Callable[..., Settings], tiny_model_dir: Path,

@@ -1,0 +1,124 @@
+"""Every leukocyte on its own, through the engine with the shipped model, on generated fields and crops:
+counts, ids, boxes, border flags, the primary cell, touching cells, empty images, scale."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from support.service import encode, sample_rgb
+
+from app.engine import Engine, ModelConfig, Options, Result, Upload
+from model_training.synthetic import lobes, make_field
+
+SHIPPED = Path(__file__).resolve().parents[3] / "weights" / "model.onnx"
+LOBED = (170, 150, 40, lobes(170, 150))
+ROUND = (460, 300, 36, [(460, 300, 22)])
+CUT = (620, 90, 40, [(622, 90, 22)])  # runs past the right edge
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.open(ModelConfig(SHIPPED, device="cpu", intra_op_threads=1), max_pixels=50_000_000)
+
+
+def segment(engine: Engine, image: np.ndarray, **options: object) -> Result:
+    result = engine.segment(Upload("field.png", encode(image)), Options(mask_png=True, instances_png=True,
+                                                                        **options))  # type: ignore[arg-type]
+    assert isinstance(result, Result)
+    return result
+
+
+def decode_png(data: bytes | None) -> np.ndarray:
+    """The PNG's stored values: class ids of a palette mask, cell ids of a 16-bit instance mask."""
+    assert data is not None
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image)
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    inter = max(0, min(ax1, bx1) - max(a[0], b[0])) * max(0, min(ay1, by1) - max(a[1], b[1]))
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def drawn_boxes(instances: np.ndarray) -> list[tuple[int, int, int, int]]:
+    boxes = []
+    for i in range(1, int(instances.max()) + 1):
+        ys, xs = np.nonzero(instances == i)
+        boxes.append((int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1))
+    return boxes
+
+
+def test_a_field_gives_each_leukocyte_its_own_id_box_and_border_flag(engine: Engine) -> None:
+    image, _, truth = make_field([LOBED, ROUND, CUT])
+    result = segment(engine, image)
+    instances = decode_png(result.instances_png)
+    assert instances.dtype == np.uint16 and instances.shape == image.shape[:2]
+    assert len(result.cells) == 3
+    assert sorted(c.id for c in result.cells) == [1, 2, 3] == sorted(set(np.unique(instances)) - {0})
+    for drawn, index in zip(drawn_boxes(truth), range(3), strict=True):
+        best = max(result.cells, key=lambda c: box_iou(c.bbox, drawn))
+        assert box_iou(best.bbox, drawn) >= 0.5, (index, best.bbox, drawn)
+        assert best.touches_border == (index == 2), "only the cell cut by the right edge is flagged"
+    for cell in result.cells:
+        mine = instances == cell.id
+        assert cell.areas_px["cell"] == int(mine.sum()) and cell.areas_px["nucleus"] > 0
+        assert 0 < cell.score <= 1
+    labels = decode_png(result.mask_png)
+    assert np.array_equal(labels > 0, instances > 0), "the class mask covers exactly the cells"
+    assert result.primary_cell_id is None, "no cell at the centre and none covers 10 % of the field"
+
+
+def test_the_cell_at_a_crops_centre_is_the_primary_cell(engine: Engine) -> None:
+    result = segment(engine, sample_rgb(120, 120, seed=3))
+    assert result.cells and result.primary_cell_id is not None
+    instances = decode_png(result.instances_png)
+    assert instances[60, 60] == result.primary_cell_id
+
+
+def test_touching_leukocytes_are_separated(engine: Engine) -> None:
+    pair = [(300, 240, 40, [(300, 240, 22)]), (376, 240, 40, [(376, 240, 22)])]
+    image, _, _ = make_field(pair, red_cells=10)
+    result = segment(engine, image)
+    assert len(result.cells) == 2
+    instances = decode_png(result.instances_png)
+    left, right = instances[240, 290], instances[240, 386]
+    assert left and right and left != right
+    assert all(c.areas_px["nucleus"] > 0.5 * np.pi * 22**2 for c in result.cells)
+
+
+@pytest.mark.parametrize("red_cells", [0, 30], ids=["blank", "red-cells-only"])
+def test_an_image_without_leukocytes_has_no_cells_and_an_empty_mask(engine: Engine, red_cells: int) -> None:
+    image, _, _ = make_field([], red_cells=red_cells, platelets=4)
+    result = segment(engine, image)
+    assert result.cells == [] and result.primary_cell_id is None
+    assert result.measurements.areas_px == {"nucleus": 0, "cytoplasm": 0, "cell": 0}
+    assert not decode_png(result.mask_png).any() and not decode_png(result.instances_png).any()
+
+
+def test_the_same_field_at_half_and_double_scale_gives_the_same_cells(engine: Engine) -> None:
+    image, _, _ = make_field([LOBED, ROUND], red_cells=20)
+    counts, cell_areas = [], []
+    for scale in (0.5, 1.0, 2.0):
+        scaled = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1
+                            else cv2.INTER_LINEAR)
+        result = segment(engine, scaled)
+        counts.append(len(result.cells))
+        cell_areas.append(sorted(c.areas_px["cell"] / scale**2 for c in result.cells))
+    assert counts == [2, 2, 2]
+    for areas in (cell_areas[0], cell_areas[2]):
+        assert np.allclose(areas, cell_areas[1], rtol=0.15), cell_areas
+
+
+def test_the_request_pixel_size_wins_and_areas_follow_it(engine: Engine) -> None:
+    image, _, _ = make_field([ROUND])
+    result = segment(engine, image, pixel_size_um=0.5)
+    assert (result.pixel_size_um, result.pixel_size_source) == (0.5, "request")
+    cell = result.cells[0]
+    assert cell.areas_um2 is not None
+    assert cell.areas_um2["cell"] == pytest.approx(cell.areas_px["cell"] * 0.25)

@@ -1,0 +1,134 @@
+"""Leukocyte finder on generated smear fields: counts, boxes, border flag, lobes, empty fields, scale."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from app.engine.locate import Candidate, find_leukocytes
+from model_training.synthetic import FIELD_COLOURS, lobes
+from model_training.synthetic import make_field as synthetic_field
+
+cv2.setNumThreads(1)
+
+RBC_RADIUS = 25
+
+
+def _lobes(cx: int, cy: int, count: int = 3) -> list[tuple[int, int, int]]:
+    return lobes(cx, cy, count)
+
+
+def make_field(cells, size=(480, 640), seed=0, red_cells=28, platelets=4) -> np.ndarray:
+    """The generated field's image only (`model_training.synthetic.make_field`)."""
+    return synthetic_field(cells, size, seed, red_cells, platelets, RBC_RADIUS)[0]
+
+
+def cell_box(cx: int, cy: int, radius: int, shape) -> tuple[int, int, int, int]:
+    """Drawn cell as a clipped (x0, y0, x1, y1) box."""
+    h, w = shape[:2]
+    return (max(0, cx - radius), max(0, cy - radius), min(w, cx + radius + 1), min(h, cy + radius + 1))
+
+
+def iou(candidate: Candidate, box) -> float:
+    """IoU of a candidate's bbox with an (x0, y0, x1, y1) box."""
+    x, y, w, h = candidate.bbox
+    ix = max(0, min(x + w, box[2]) - max(x, box[0]))
+    iy = max(0, min(y + h, box[3]) - max(y, box[1]))
+    inter = ix * iy
+    return inter / (w * h + (box[2] - box[0]) * (box[3] - box[1]) - inter)
+
+
+LOBED = (170, 150, 40, _lobes(170, 150))
+ROUND = (460, 300, 36, [(460, 300, 22)])
+CUT = (620, 90, 40, [(622, 90, 22)])  # cell and nucleus run past the right edge
+
+
+def three_cell_field() -> np.ndarray:
+    return make_field([LOBED, ROUND, CUT])
+
+
+def test_finds_each_drawn_leukocyte_with_a_good_box():
+    image = three_cell_field()
+    found = find_leukocytes(image)
+    assert len(found) == 3
+    for cx, cy, radius, _ in (LOBED, ROUND, CUT):
+        best = max(iou(c, cell_box(cx, cy, radius, image.shape)) for c in found)
+        assert best >= 0.5, (cx, cy, found)
+
+
+def test_candidate_fields_are_sane():
+    image = three_cell_field()
+    found = find_leukocytes(image)
+    h, w = image.shape[:2]
+    assert [c.score for c in found] == sorted((c.score for c in found), reverse=True)
+    for c in found:
+        x, y, bw, bh = c.bbox
+        assert 0 <= x < x + bw <= w and 0 <= y < y + bh <= h
+        assert 0.0 <= c.score <= 1.0
+        assert c.nucleus_area_px > 0
+
+
+def test_only_the_cut_cell_touches_the_border():
+    image = three_cell_field()
+    found = find_leukocytes(image)
+    cut = max(found, key=lambda c: iou(c, cell_box(*CUT[:3], image.shape)))
+    assert cut.touches_border
+    assert sum(c.touches_border for c in found) == 1
+
+
+def test_lobes_of_one_nucleus_are_one_cell():
+    image = make_field([LOBED], seed=3)
+    found = find_leukocytes(image)
+    assert len(found) == 1
+    assert iou(found[0], cell_box(*LOBED[:3], image.shape)) >= 0.5
+    lobe_area = sum(np.pi * r * r for _, _, r in LOBED[3])
+    assert 0.5 * lobe_area <= found[0].nucleus_area_px <= 2.0 * lobe_area
+
+
+def test_blank_image_gives_nothing():
+    blank = np.empty((480, 640, 3), np.uint8)
+    blank[:] = FIELD_COLOURS["background"]
+    assert find_leukocytes(blank) == []
+    assert find_leukocytes(np.zeros((480, 640, 3), np.uint8)) == []
+
+
+def test_red_cells_and_platelets_only_give_nothing():
+    for seed in range(3):
+        assert find_leukocytes(make_field([], seed=seed, red_cells=40, platelets=8)) == []
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_rescaled_field_gives_the_same_count(factor):
+    image = three_cell_field()
+    resized = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+    assert len(find_leukocytes(resized)) == 3
+
+
+def test_crop_filled_by_one_leukocyte():
+    image = make_field([(60, 60, 45, _lobes(60, 60))], size=(120, 120), seed=5, red_cells=2, platelets=0)
+    found = find_leukocytes(image)
+    assert len(found) == 1
+    assert iou(found[0], cell_box(60, 60, 45, image.shape)) >= 0.5
+
+
+def test_diameter_hint_gives_the_same_cells():
+    image = three_cell_field()
+    assert len(find_leukocytes(image, cell_diameter_px=80.0)) == 3
+
+
+def test_large_image_is_processed_quickly():
+    image = cv2.resize(three_cell_field(), (3200, 2400), interpolation=cv2.INTER_LINEAR)
+    start = time.perf_counter()
+    found = find_leukocytes(image)
+    assert time.perf_counter() - start < 2.0
+    assert len(found) == 3
+
+
+def test_rejects_non_rgb_input():
+    with pytest.raises(ValueError):
+        find_leukocytes(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError):
+        find_leukocytes(np.zeros((64, 64, 3), np.float32))
