@@ -80,6 +80,7 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health/ready' % os.environ['WBC_PORT'], timeout=4)"]
-# `exec`: uvicorn replaces the shell, so SIGTERM reaches it and it drains requests in flight. The app
-# logs every request itself (with its id), so uvicorn's access log would only repeat it.
-CMD ["sh", "-c", "exec uvicorn app.api.main:create_app --factory --host \"$WBC_HOST\" --port \"$WBC_PORT\" --no-access-log"]
+# `python -m app`: uvicorn with the connection limits of the settings (h11 with a header size limit and
+# a header deadline, keep-alive timeout, connection limit: README "Configuration"); it drains requests
+# in flight on SIGTERM. The app logs every request itself, so uvicorn's access log is off.
+CMD ["python", "-m", "app"]

@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `--host`/`--port` (defaults from the settings) and serve until stopped."""
     import uvicorn
 
+    from app.api.server import server_options
     from app.api.settings import get_settings
 
     settings = get_settings()
@@ -28,8 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     # The app logs every request itself, with its id, so uvicorn's access log would only repeat it.
     uvicorn.run("app.api.main:create_app", factory=True, host=args.host, port=args.port, access_log=False,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), **server_options(settings))
     return 0
 
 

@@ -36,6 +36,7 @@ class FolderJob:
     pattern: str | None = None
     overlays: bool = False
     geojson: bool = False
+    follow_symlinks: bool = False
     pixel_size_um: float | None = None
     url: str | None = None
     api_key: str | None = None
@@ -62,17 +63,32 @@ class Summary:
         return self.total - self.failed
 
 
-def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | None = None) -> list[Path]:
+def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | None = None,
+                follow_symlinks: bool = False) -> list[Path]:
     """Files under `input_dir`, recursively, sorted: those matching `pattern`, or with an image suffix.
 
     Args:
         exclude: a folder whose files are skipped (the output folder, when it lies inside the input).
+        follow_symlinks: also take files that symbolic links lead to outside `input_dir`.
+
+    Raises:
+        FatalError: a pattern that could reach outside `input_dir` (absolute, or with `..`).
     """
+    if pattern and (Path(pattern).is_absolute() or ".." in Path(pattern).parts):
+        raise FatalError(f"--glob {shown(pattern)} reaches outside the input folder; give a pattern "
+                         "relative to it, without '..'")
     candidates = input_dir.rglob(pattern) if pattern else (
         p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    root = input_dir.resolve()
     skip = exclude.resolve() if exclude else None
-    files = [p for p in candidates if p.is_file() and not (skip and p.resolve().is_relative_to(skip))]
+    files = [p for p in candidates if p.is_file() and not (skip and p.resolve().is_relative_to(skip))
+             and (follow_symlinks or p.resolve().is_relative_to(root))]
     return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
+
+
+def shown(text: str) -> str:
+    """`text` safe to print on a terminal: control characters (escape sequences, newlines) as \\xNN."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def output_names(relative: list[Path]) -> dict[Path, Path]:
@@ -136,7 +152,7 @@ def segment_folder(job: FolderJob) -> Summary:
     """
     started = time.perf_counter()
     exclude = job.output_dir if job.output_dir.resolve().is_relative_to(job.input_dir.resolve()) else None
-    paths = find_images(job.input_dir, job.pattern, exclude)
+    paths = find_images(job.input_dir, job.pattern, exclude, job.follow_symlinks)
     if not paths:
         what = f"matching {job.pattern!r}" if job.pattern else f"with a suffix {', '.join(IMAGE_SUFFIXES)}"
         raise FatalError(f"no files {what} under {job.input_dir}")
@@ -220,6 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
     p.add_argument("--model", dest="model_path", type=Path, metavar="PATH",
                    help="model.onnx, without --url (default: weights/model.onnx)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="without --url (default: auto)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="also segment files that symbolic links lead to outside INPUT_DIR")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
     if not args.input_dir.is_dir():
@@ -233,14 +251,15 @@ def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
     return job
 
 
-def print_summary(summary: Summary, shown: int = 20) -> None:
-    """The failed files (the first `shown`) on stderr, then one line of counts and time on stdout."""
-    for name, error in summary.failures[:shown]:
-        print(f"failed: {name}: {error}", file=sys.stderr)
-    if len(summary.failures) > shown:
-        print(f"... and {len(summary.failures) - shown} more, see {summary.csv_path}", file=sys.stderr)
+def print_summary(summary: Summary, limit: int = 20) -> None:
+    """The failed files (the first `limit`), their names made safe for a terminal, on stderr, then one
+    line of counts and time on stdout."""
+    for name, error in summary.failures[:limit]:
+        print(f"failed: {shown(name)}: {shown(error)}", file=sys.stderr)
+    if len(summary.failures) > limit:
+        print(f"... and {len(summary.failures) - limit} more, see {summary.csv_path}", file=sys.stderr)
     if summary.fatal:
-        print(f"wbc-segment: stopped: {summary.fatal}", file=sys.stderr)
+        print(f"wbc-segment: stopped: {shown(summary.fatal)}", file=sys.stderr)
     print(f"{summary.ok} segmented, {summary.failed} failed, {summary.total} in all, "
           f"in {summary.seconds:.1f} s; results in {summary.csv_path} and {summary.json_path.name}")
 
@@ -250,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = segment_folder(job)
     except FatalError as exc:
-        print(f"wbc-segment: {exc}", file=sys.stderr)
+        print(f"wbc-segment: {shown(str(exc))}", file=sys.stderr)
         return 2
     print_summary(summary)
     return 2 if summary.fatal else (1 if summary.failed else 0)

@@ -74,7 +74,7 @@ class LocalBackend:
             overrides["device"] = device
         settings = Settings(**overrides)  # the environment's WBC_* settings, as the service reads them
         try:
-            self.engine = Engine.open(settings.engine_config(), settings.max_pixels)
+            self.engine = Engine.open(settings.engine_config(), settings.decode_limits())
         except ModelLoadError as exc:
             raise FatalError(f"cannot load the model: {exc}") from exc
         self.overlays = overlays
@@ -178,7 +178,7 @@ class RemoteBackend:
         if self.overlays and instances_png is None:
             mask = np.asarray(Image.open(io.BytesIO(mask_png)))
             overlay = encode_overlay_png(np.asarray(decode_image(data, mask.size)), mask)
-        elif self.overlays or self.geojson:
+        elif instances_png is not None and (self.overlays or self.geojson):
             # Made here with the engine's own code: the JSON answer carries the masks, not these.
             mask = np.asarray(Image.open(io.BytesIO(mask_png)))
             instances = np.asarray(Image.open(io.BytesIO(instances_png)))

@@ -149,7 +149,7 @@ check_config() {  # image; sets CMD, HEALTH, UID_
     user=$(bah inspect --type image --format '{{.Docker.Config.User}}' "$image")
     UID_=${user%%:*}
     printf 'cmd: %s\nhealthcheck: %s\nuser: %s\n' "${CMD[*]}" "${HEALTH[*]}" "$user"
-    [[ ${CMD[*]} == *"uvicorn app.api.main:create_app --factory"* ]] || fail "the command is not uvicorn"
+    [[ ${CMD[*]} == "python -m app" ]] || fail "the command is not python -m app"
     [[ ${HEALTH[0]:-} == CMD && ${HEALTH[*]} == */health/ready* ]] || fail "no HEALTHCHECK on /health/ready"
     [[ -n $UID_ && $UID_ != 0 && $UID_ != root ]] || fail "the image runs as root"
 }

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.errors import NotReadyError, OverloadedError
+from app.engine.errors import ClientGoneError, NotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class _Job:
     images: np.ndarray  # (k, 3, h, w)
     future: Future[Any] = field(default_factory=Future)
+    cancelled: Callable[[], bool] | None = None  # the caller has gone: drop the job when it comes up
 
 
 class Batcher:
@@ -99,6 +100,10 @@ class Batcher:
         """Whether the next request would be refused."""
         return self._admitted >= self.capacity
 
+    def admitted_count(self) -> int:
+        """Requests holding a place now."""
+        return self._admitted
+
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """Hold a place for one request from before its decoding to its last run, refusing it at once
@@ -124,14 +129,15 @@ class Batcher:
         return OverloadedError("The inference queue is full; retry shortly.",
                                headers={"Retry-After": self._retry_after})
 
-    def submit(self, images: np.ndarray) -> Future[Any]:
-        """Queue `(k, 3, h, w)` inputs; the future holds `(logits, run_ms)`.
+    def submit(self, images: np.ndarray, cancelled: Callable[[], bool] | None = None) -> Future[Any]:
+        """Queue `(k, 3, h, w)` inputs; the future holds `(logits, run_ms)`. A job whose `cancelled()`
+        says True when its turn comes is dropped (its future raises `ClientGoneError`).
 
         Raises:
             OverloadedError: the queue is full (503 with `Retry-After`).
             NotReadyError: the batcher is stopping.
         """
-        job = _Job(images)
+        job = _Job(images, cancelled=cancelled)
         with self._changed:
             if self._stopping:
                 raise NotReadyError("The service is shutting down.")
@@ -141,9 +147,10 @@ class Batcher:
             self._changed.notify_all()
         return job.future
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+    def infer(self, images: np.ndarray,
+              cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, float]:
         """Logits of `(k, 3, h, w)` inputs and the run's milliseconds, waiting for them (worker threads)."""
-        result: tuple[np.ndarray, float] = self.submit(images).result()
+        result: tuple[np.ndarray, float] = self.submit(images, cancelled).result()
         return result
 
     async def ainfer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
@@ -153,7 +160,13 @@ class Batcher:
 
     def _work(self) -> None:
         while jobs := self._next_jobs():
-            self._run_jobs([job for job in jobs if job.future.set_running_or_notify_cancel()])
+            live = []
+            for job in jobs:
+                if job.cancelled is not None and job.cancelled():
+                    job.future.set_exception(ClientGoneError("The client has gone."))
+                elif job.future.set_running_or_notify_cancel():
+                    live.append(job)
+            self._run_jobs(live)
 
     def _next_jobs(self) -> list[_Job]:
         """The oldest job and those that join it within the wait; empty once stopping and drained."""

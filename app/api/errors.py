@@ -31,6 +31,13 @@ class BodyTooLargeError(StarletteHTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
+class BodyTimeoutError(StarletteHTTPException):
+    """A chunk of the request body did not arrive in time (raised in the receive channel, as above)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=408, detail=detail, headers={"Connection": "close"})
+
+
 def problem_body(status: int, title: str, detail: str, slug: str | None = None) -> dict[str, Any]:
     """An RFC 9457 problem document; `about:blank` when the status says it all."""
     kind = PROBLEM_TYPE_BASE + slug if slug else "about:blank"

@@ -24,7 +24,13 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.observability import REQUEST_ID_HEADER, RequestContextMiddleware, configure_logging
 from app.api.routes import health, model, problems, segment
-from app.api.security import API_KEY_HEADER, ApiKeyMiddleware, BodyLimitMiddleware, api_key_scheme
+from app.api.security import (
+    API_KEY_HEADER,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    SecurityHeadersMiddleware,
+    api_key_scheme,
+)
 from app.api.settings import Settings, get_settings
 from app.engine import Engine
 from app.engine.errors import ModelLoadError
@@ -54,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="WBC segmenter", version=_version(), lifespan=lifespan,
                   description="Segments white blood cells into nucleus and cytoplasm and measures them.")
     app.state.service = ServiceState(settings=settings, metrics=Metrics())
+    # No slash-adding redirects: Starlette builds them from the request's Host header.
+    app.router.redirect_slashes = False
     install_error_handlers(app)
     _include_routers(app, settings)
     _mount_static(app)
@@ -84,13 +92,15 @@ def _mount_static(app: FastAPI) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # Added innermost first: the request context wraps everything, so every answer is logged and counted.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       chunk_timeout_s=settings.body_timeout_s, max_uploads=settings.max_uploads)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=[API_KEY_HEADER, REQUEST_ID_HEADER, "Content-Type"],
                            expose_headers=_EXPOSED_HEADERS, max_age=600)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.service.metrics)
 
 
@@ -114,7 +124,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _load(state: ServiceState) -> None:
     settings = state.settings
     try:
-        engine = await anyio.to_thread.run_sync(Engine.open, settings.engine_config(), settings.max_pixels)
+        engine = await anyio.to_thread.run_sync(Engine.open, settings.engine_config(),
+                                                settings.decode_limits(), settings.max_batch_pixels)
     except ModelLoadError as exc:
         logger.error("model not loaded, the service stays unready: %s", exc)
         state.set_phase(Phase.FAILED)
@@ -129,6 +140,7 @@ async def _load(state: ServiceState) -> None:
                       on_reject=state.metrics.rejected.inc, workers=model.workers)
     batcher.start()
     state.metrics.watch_queue(batcher.depth)
+    state.metrics.watch_admitted(batcher.admitted_count, batcher.full)
     meta = engine.metadata
     state.metrics.model.info({"name": meta.name, "version": meta.version, "sha256": meta.sha256,
                               "file": model.path.name, "provider": model.provider})

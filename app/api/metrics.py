@@ -43,6 +43,10 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=registry)
         self.queue_depth = Gauge("wbc_inference_queue_depth", "Requests waiting for the inference worker.",
                                  registry=registry)
+        self.admitted = Gauge("wbc_requests_admitted", "Requests holding a place (decoding, queued, run).",
+                              registry=registry)
+        self.saturated = Gauge("wbc_saturated", "1 while every place is taken: new requests get 503.",
+                               registry=registry)
         self.rejected = Counter("wbc_inference_rejected_total", "Requests refused: the queue was full.",
                                 registry=registry)
         self.images = Counter("wbc_images_total", "Images received, by outcome.", ["outcome"],
@@ -59,6 +63,11 @@ class Metrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Read the queue depth from `depth()` at every scrape."""
         self.queue_depth.set_function(depth)
+
+    def watch_admitted(self, admitted: Callable[[], int], full: Callable[[], bool]) -> None:
+        """Read the admitted requests and saturation at every scrape."""
+        self.admitted.set_function(admitted)
+        self.saturated.set_function(lambda: 1.0 if full() else 0.0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -45,6 +45,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class EscapingFormatter(logging.Formatter):
+    """Plain text, one line per record: control characters of the message (a `%0A` decoded into a
+    request path, terminal escape sequences) are written as escapes, so no client forges a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Send the `app` loggers to stderr as JSON (or plain text), replacing an earlier set-up."""
     log = logging.getLogger("app")
@@ -53,7 +62,7 @@ def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler._wbc = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.engine.imaging import DecodeLimits
 from app.engine.session import ModelConfig, available_cpus
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,20 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=20 * _MIB, ge=1)
     max_request_bytes: int = Field(default=100 * _MIB, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_side: int = Field(default=30_000, ge=1)
+    max_aspect_ratio: float = Field(default=50.0, ge=1.0)
+    max_jpeg_scans: int = Field(default=100, ge=1)
+    # All the files of one batch request together (each file is also held to max_pixels).
+    max_batch_pixels: int = Field(default=200_000_000, ge=1)
+    # Connections (python -m app): a request's line and headers must arrive within this many seconds,
+    # each chunk of its body within body_timeout_s; at most max_header_bytes of headers; at most
+    # max_connections connections and max_uploads bodies being received at once.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    max_header_bytes: int = Field(default=65_536, ge=4096)
+    max_connections: int = Field(default=256, ge=1)
+    max_uploads: int = Field(default=16, ge=1)
     max_files: int = Field(default=64, ge=1)
 
     # Access.
@@ -83,6 +98,11 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: object) -> object:
         """`WBC_API_KEY=` (empty) switches the key off instead of requiring an empty key."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    def decode_limits(self) -> DecodeLimits:
+        """What one file may ask of the decoder."""
+        return DecodeLimits(max_pixels=self.max_pixels, max_side=self.max_image_side,
+                            max_aspect=self.max_aspect_ratio, max_jpeg_scans=self.max_jpeg_scans)
 
     def engine_config(self) -> ModelConfig:
         """What the engine needs to load the model."""

@@ -67,3 +67,9 @@ class NotReadyError(ServiceError):
     """The model is not loaded (still loading, failed to load, or shutting down)."""
 
     status, slug, title = 503, "not-ready", "Service not ready"
+
+
+class ClientGoneError(ServiceError):
+    """The client closed the connection; the work for it stops at the next stage boundary."""
+
+    status, slug, title = 499, "client-closed-request", "Client closed request"

@@ -6,6 +6,7 @@ import io
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -52,27 +53,53 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedMediaError("The file is not a PNG, JPEG, BMP or TIFF image.")
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an upload into an upright 8-bit RGB image.
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an upload may ask of the decoder, checked from its header before any pixel is decoded.
 
-    The pixel count is checked from the header before any pixel data is decoded; the first frame of a
-    multi-frame file is used; the EXIF orientation is applied.
+    Together they bound every allocation by the image's own size: `max_pixels` bounds the decoded
+    pixels (3 bytes each), `max_side` and `max_aspect` refuse shapes (1 × 40,000,000) whose rows or
+    columns make per-row work and buffers explode, `max_tile_pixels` refuses TIFF tiles far larger than
+    the image they belong to (libtiff allocates a whole tile), and `max_jpeg_scans` refuses progressive
+    JPEGs whose repeated scans cost seconds of CPU each.
+    """
 
-    Args:
-        data: the file's bytes.
-        max_pixels: largest width × height accepted.
+    max_pixels: int = 40_000_000
+    max_side: int = 30_000
+    max_aspect: float = 50.0
+    max_tile_pixels: int = 1 << 22
+    max_jpeg_scans: int = 100
+
+
+def check_image(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
+    """(width, height) from the file's header, checked against the limits, without decoding.
 
     Raises:
         InvalidImageError, UnsupportedMediaError, ImageTooLargeError.
     """
     fmt = sniff_format(data)
     image = _open(data, fmt)
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InvalidImageError(f"The {fmt} image has no pixels.")
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"The image has {width}×{height} = {width * height} pixels; "
-                                 f"the limit is {max_pixels}.")
+    _check_header(image, fmt, data, limits)
+    return image.size
+
+
+def decode_image(data: bytes, max_pixels: int | DecodeLimits) -> Image.Image:
+    """Decode an upload into an upright 8-bit RGB image.
+
+    The header is checked against the limits before any pixel data is decoded; the first frame of a
+    multi-frame file is used; the EXIF orientation is applied.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: the limits, or only the largest width × height accepted.
+
+    Raises:
+        InvalidImageError, UnsupportedMediaError, ImageTooLargeError.
+    """
+    limits = max_pixels if isinstance(max_pixels, DecodeLimits) else DecodeLimits(max_pixels=max_pixels)
+    fmt = sniff_format(data)
+    image = _open(data, fmt)
+    _check_header(image, fmt, data, limits)
     try:
         image.load()
         return to_rgb(_upright(image))
@@ -81,6 +108,52 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # Pillow raises many types on damaged data; all mean the same here.
         logger.debug("cannot decode %s: %r", fmt, exc)
         raise InvalidImageError(f"The {fmt} file is corrupt or truncated.") from exc
+
+
+def _check_header(image: Image.Image, fmt: str, data: bytes, limits: DecodeLimits) -> None:
+    """Refuse what the limits forbid, from the header alone."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"The {fmt} image has no pixels.")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(f"The image has {width}×{height} = {width * height} pixels; "
+                                 f"the limit is {limits.max_pixels}.")
+    if max(width, height) > limits.max_side:
+        raise ImageTooLargeError(f"The image is {width}×{height}; no side may exceed {limits.max_side} "
+                                 "pixels.")
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ImageTooLargeError(f"The image is {width}×{height}; its sides may differ at most "
+                                 f"{limits.max_aspect:g} times.")
+    if fmt == "TIFF":
+        _check_tiff_tiles(image, limits)
+    if fmt == "JPEG":
+        _check_jpeg_stream(data, width * height, limits)
+
+
+#: Most pixels a JPEG may claim per byte of file: even a flat white 4000 × 3000 JPEG holds one pixel per
+#: 1/64 byte (63 px/byte measured), so a file claiming thousands of pixels per byte is a decoding bomb.
+_JPEG_MAX_PIXELS_PER_BYTE = 1000
+
+
+def _check_jpeg_stream(data: bytes, pixels: int, limits: DecodeLimits) -> None:
+    """Count scans (0xFF 0xDA; in entropy-coded data a 0xFF is always followed by 0x00 or a marker),
+    require the end-of-image marker after the last scan, and refuse files far too small for their size."""
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise InvalidImageError(f"The JPEG file has {scans} scans; at most {limits.max_jpeg_scans} are "
+                                "accepted.")
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise InvalidImageError("The JPEG file is truncated: its last scan has no end.")
+    if pixels > _JPEG_MAX_PIXELS_PER_BYTE * len(data):
+        raise InvalidImageError(f"The JPEG file claims {pixels} pixels in {len(data)} bytes; it is corrupt.")
+
+
+def _check_tiff_tiles(image: Image.Image, limits: DecodeLimits) -> None:
+    tags = getattr(image, "tag_v2", {})
+    tile = (int(tags.get(322, 0) or 0), int(tags.get(323, 0) or 0))  # TileWidth, TileLength
+    if tile[0] * tile[1] > max(limits.max_tile_pixels, 4 * image.size[0] * image.size[1]):
+        raise InvalidImageError(f"The TIFF file's tiles ({tile[0]}×{tile[1]}) are far larger than its "
+                                f"{image.size[0]}×{image.size[1]} image.")
 
 
 def _open(data: bytes, fmt: str) -> Image.Image:

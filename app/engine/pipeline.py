@@ -12,7 +12,7 @@ here knows about HTTP.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,16 @@ import numpy as np
 
 from app.engine.cells import Cell, Infer, Stitcher, measure_cells, primary_cell, segment_cells
 from app.engine.contract import ModelMetadata
-from app.engine.errors import ServiceError
+from app.engine.errors import ClientGoneError, ImageTooLargeError, ServiceError
 from app.engine.geometry import geojson_document
-from app.engine.imaging import decode_image, encode_instances_png, encode_mask_png, encode_overlay_png
+from app.engine.imaging import (
+    DecodeLimits,
+    check_image,
+    decode_image,
+    encode_instances_png,
+    encode_mask_png,
+    encode_overlay_png,
+)
 from app.engine.measure import Measurements, measure
 from app.engine.pixel_size import pixel_size_from_file
 from app.engine.session import Model, ModelConfig
@@ -76,6 +83,30 @@ class Upload:
     error: ServiceError | None = None
 
 
+def _spend(budget: list[int | None], size: tuple[int, int]) -> None:
+    """Take the file's pixels from the batch's remaining budget, or refuse it."""
+    if budget[0] is None:
+        return
+    width, height = size
+    if width * height > budget[0]:
+        raise ImageTooLargeError(f"The files of this request hold more pixels than the limit of one "
+                                 f"request; this {width}×{height} image is over what is left ({budget[0]}).")
+    budget[0] -= width * height
+
+
+def _checked(infer: Infer, cancelled: Callable[[], bool] | None) -> Infer:
+    """`infer`, refusing to start a run for a client that has gone."""
+    if cancelled is None:
+        return infer
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, float]:
+        if cancelled():
+            raise ClientGoneError("The client has gone.")
+        return infer(images)
+
+    return run
+
+
 @dataclass(frozen=True)
 class _Decoded:
     """A decoded image `(H, W, 3)` uint8 and the pixel size its file records."""
@@ -85,22 +116,27 @@ class _Decoded:
 
 
 class Engine:
-    """Decode → preprocess → infer → labels at the image's size → measure → encode, for one model.
+    """Decode → find cells → infer their windows → stitch → measure → encode, for one model.
 
     Args:
         model: the loaded model.
-        max_pixels: largest width × height accepted (checked from the file's header).
+        limits: what a file may ask of the decoder (`DecodeLimits`), or only its largest pixel count.
+        max_batch_pixels: most pixels of all the files of one `segment_many` call; a file beyond it
+            is refused (413) and the files before it keep their results.
     """
 
-    def __init__(self, model: Model, max_pixels: int) -> None:
+    def __init__(self, model: Model, limits: DecodeLimits | int,
+                 max_batch_pixels: int | None = None) -> None:
         self.model = model
-        self.max_pixels = max_pixels
+        self.limits = limits if isinstance(limits, DecodeLimits) else DecodeLimits(max_pixels=limits)
+        self.max_batch_pixels = max_batch_pixels
         self.transform = InputTransform.from_metadata(model.metadata)
 
     @classmethod
-    def open(cls, config: ModelConfig, max_pixels: int) -> Engine:
+    def open(cls, config: ModelConfig, limits: DecodeLimits | int,
+             max_batch_pixels: int | None = None) -> Engine:
         """Load the model (see `Model.open`)."""
-        return cls(Model.open(config), max_pixels)
+        return cls(Model.open(config), limits, max_batch_pixels)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -113,30 +149,39 @@ class Engine:
         logits = self.model.run(images)
         return logits, (time.perf_counter() - started) * 1000.0
 
-    def segment(self, upload: Upload, options: Options, infer: Infer | None = None) -> Result | Failure:
+    def segment(self, upload: Upload, options: Options, infer: Infer | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Result | Failure:
         """Segment one file; a file that cannot be decoded becomes a `Failure`.
 
         Args:
             upload: the file.
             options: what to produce.
             infer: how to run the model (default: `self.infer`, in this thread).
+            cancelled: asked at each stage boundary; when it says True, the work stops there.
 
         Raises:
+            ClientGoneError: `cancelled()` said True.
             Whatever `infer` raises (the service's batcher: overloaded, shutting down).
         """
-        return self.segment_many([upload], options, infer)[0]
+        return self.segment_many([upload], options, infer, cancelled)[0]
 
-    def segment_many(self, uploads: Sequence[Upload], options: Options,
-                     infer: Infer | None = None) -> list[Result | Failure]:
+    def segment_many(self, uploads: Sequence[Upload], options: Options, infer: Infer | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> list[Result | Failure]:
         """Segment files in upload order, each image's cell windows as one model run; a file that fails
-        becomes a `Failure` in its place and never stops the others."""
-        return [self._segment_one(upload, options, infer or self.infer) for upload in uploads]
+        becomes a `Failure` in its place and never stops the others (see `segment` for the arguments)."""
+        budget = [self.max_batch_pixels if len(uploads) > 1 else None]
+        return [self._segment_one(upload, options, _checked(infer or self.infer, cancelled), budget,
+                                  cancelled) for upload in uploads]
 
-    def _segment_one(self, upload: Upload, options: Options, infer: Infer) -> Result | Failure:
+    def _segment_one(self, upload: Upload, options: Options, infer: Infer, budget: list[int | None],
+                     cancelled: Callable[[], bool] | None) -> Result | Failure:
+        if cancelled is not None and cancelled():
+            raise ClientGoneError("The client has gone.")
         try:
             if upload.error is not None:
                 raise upload.error
-            image = decode_image(upload.data, self.max_pixels)
+            _spend(budget, check_image(upload.data, self.limits))
+            image = decode_image(upload.data, self.limits)
         except ServiceError as exc:
             return Failure(upload.filename, exc)
         file_size = None if options.pixel_size_um else pixel_size_from_file(upload.data)

@@ -255,3 +255,39 @@ def test_inputs_whose_output_names_would_collide_each_keep_their_own_files(tmp_p
     masks = [row["mask"] for row in read_rows(out).values()]
     assert len(masks) == len(set(masks)) == 3
     assert all((out / m).is_file() for m in masks)
+
+
+def test_a_glob_reaching_outside_the_input_folder_is_refused(tmp_path: Path, tiny_model_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "outside.png").write_bytes(encode(sample_rgb()))
+    code = main([str(tmp_path / "in"), str(tmp_path / "out"), "--glob", "../*.png",
+                 "--model", str(tiny_model_dir / "model.onnx")])
+    assert code == 2 and "outside the input folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_symbolic_links_out_of_the_input_folder_are_followed_only_when_asked(tmp_path: Path,
+                                                                            tiny_model_dir: Path) -> None:
+    folder, secret = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    secret.mkdir()
+    (secret / "private.png").write_bytes(encode(sample_rgb()))
+    (folder / "own.png").write_bytes(encode(sample_rgb(seed=1)))
+    (folder / "link.png").symlink_to(secret / "private.png")
+    model = ["--model", str(tiny_model_dir / "model.onnx"), "--no-progress"]
+    assert main([str(folder), str(tmp_path / "out"), *model]) == 0
+    assert sorted(read_rows(tmp_path / "out")) == ["own.png"]
+    assert main([str(folder), str(tmp_path / "out2"), *model, "--follow-symlinks"]) == 0
+    assert sorted(read_rows(tmp_path / "out2")) == ["link.png", "own.png"]
+
+
+def test_file_names_reach_the_terminal_without_control_characters(tmp_path: Path, tiny_model_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad\x1b[2Jname.png").write_bytes(b"not an image")
+    assert main([str(folder), str(tmp_path / "out"), "--model", str(tiny_model_dir / "model.onnx"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "bad\\x1b[2Jname.png" in err

@@ -141,7 +141,7 @@ def test_dockerfile_runs_uvicorn_as_a_non_root_user_with_a_readiness_healthcheck
     user = re.search(r"^USER (\S+)$", final_stage, re.MULTILINE)
     assert user is not None and user.group(1).split(":")[0] not in ("0", "root")
     assert re.search(r"^HEALTHCHECK .*\n.*/health/ready", final_stage, re.MULTILINE)
-    assert "uvicorn app.api.main:create_app --factory" in final_stage
+    assert 'CMD ["python", "-m", "app"]' in final_stage  # uvicorn with the settings' connection limits
     assert "COPY weights/ " in final_stage
 
 

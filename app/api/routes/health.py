@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from app.api.deps import Phase, StateDep
 from app.api.routes import problems
 from app.api.schemas import Live, Ready
+from app.engine.errors import NotReadyError
 
 router = APIRouter(tags=["health"])
 
@@ -24,6 +25,9 @@ async def ready(state: StateDep) -> Ready:
     from the moment shutdown begins."""
     if state.phase is not Phase.READY or state.runtime is None:
         raise state.not_ready()
+    if state.runtime.batcher.full():
+        raise NotReadyError("Every place in the inference queue is taken; send work elsewhere or retry "
+                            "shortly.", headers={"Retry-After": str(state.settings.retry_after_s)})
     model = state.runtime.engine.model
     return Ready(model=model.metadata.name, version=model.metadata.version, provider=model.provider)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from app.api.deps import Runtime, RuntimeDep, SettingsDep
 from app.api.routes import problems
@@ -15,8 +18,6 @@ from app.api.schemas import BatchResult, SegmentResult
 from app.engine import Failure, Options, Result, Upload
 from app.engine.errors import PayloadTooLargeError, TooManyFilesError
 from app.engine.report import batch_document, batch_zip, client_filename, result_document, safe_stem
-
-T = TypeVar("T")
 
 router = APIRouter(tags=["segmentation"])
 
@@ -50,6 +51,7 @@ _MEDIA = {"png": "image/png", "overlay": "image/png", "instances": "image/png",
                **problems(400, 413, 415, 422, 503)},
 )
 async def segment_image(
+    request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="A PNG, JPEG, BMP or TIFF image")],
@@ -71,7 +73,7 @@ async def segment_image(
                       overlay_png=output == "overlay",
                       instances_png=output == "instances" or include_instances,
                       geojson=output == "geojson", cell_diameter_px=cell_diameter_px)
-    result = await run_engine(runtime, runtime.engine.segment, upload, options, runtime.batcher.infer)
+    result = await run_engine(runtime, request, upload, options)
     if isinstance(result, Failure):
         raise result.error
     headers = {**area_headers(result), "X-Cell-Count": str(len(result.cells))}
@@ -96,6 +98,7 @@ async def segment_image(
                **problems(400, 413, 422, 503)},
 )
 async def segment_batch(
+    request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
     files: Annotated[list[UploadFile], File(min_length=1, description="PNG, JPEG, BMP or TIFF images")],
@@ -115,7 +118,7 @@ async def segment_batch(
     as_zip = output == "zip"
     options = Options(pixel_size_um, mask_png=as_zip or include_mask, overlay_png=as_zip and overlay,
                       instances_png=as_zip or include_instances, cell_diameter_px=cell_diameter_px)
-    items = await segment_in_parallel(runtime, uploads, options)
+    items = await segment_in_parallel(runtime, request, uploads, options)
     if not as_zip:
         return json_response(batch_document(items, include_mask, include_instances))
     archive = await anyio.to_thread.run_sync(batch_zip, items, overlay, limiter=runtime.limiter)
@@ -123,17 +126,40 @@ async def segment_batch(
                     headers={"Content-Disposition": 'attachment; filename="segmentation.zip"'})
 
 
-async def run_engine(runtime: Runtime, function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` on a worker thread within the runtime's thread limit; refused at once with a 503
-    while the inference queue is full, so that an overloaded service spends nothing on decoding."""
+@contextlib.asynccontextmanager
+async def client_watch(request: Request) -> AsyncIterator[threading.Event]:
+    """An event set when the client disconnects while the block runs, so that its work stops at the next
+    stage boundary (engine work waiting for a thread, queued inference, the next file of a batch)."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            yield gone
+        finally:
+            group.cancel_scope.cancel()
+
+
+async def run_engine(runtime: Runtime, request: Request, upload: Upload,
+                     options: Options) -> Result | Failure:
+    """`Engine.segment` on a worker thread within the runtime's thread limit; refused at once with a 503
+    while the inference queue is full, so that an overloaded service spends nothing on decoding; dropped
+    at the next stage boundary when the client goes."""
     with runtime.batcher.admitted():
-        result = await anyio.to_thread.run_sync(function, *args, limiter=runtime.limiter)
-    for item in result if isinstance(result, list) else [result]:
-        runtime.metrics.images.labels("rejected" if isinstance(item, Failure) else "ok").inc()
+        async with client_watch(request) as gone:
+            infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
+            result = await anyio.to_thread.run_sync(runtime.engine.segment, upload, options, infer,
+                                                    gone.is_set, limiter=runtime.limiter)
+    runtime.metrics.images.labels("rejected" if isinstance(result, Failure) else "ok").inc()
     return result
 
 
-async def segment_in_parallel(runtime: Runtime, uploads: list[Upload],
+async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[Upload],
                               options: Options) -> list[Result | Failure]:
     """`Engine.segment_many` over the batch, split into one contiguous share per inference worker so that
     every worker has runs to do; results in upload order."""
@@ -141,14 +167,15 @@ async def segment_in_parallel(runtime: Runtime, uploads: list[Upload],
     parts = [uploads[i:i + share] for i in range(0, len(uploads), share)]
     done: list[list[Result | Failure]] = [[] for _ in parts]
 
-    async def segment_part(index: int) -> None:
+    async def segment_part(index: int, gone: threading.Event) -> None:
+        infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
         done[index] = await anyio.to_thread.run_sync(runtime.engine.segment_many, parts[index], options,
-                                                     runtime.batcher.infer, limiter=runtime.limiter)
+                                                     infer, gone.is_set, limiter=runtime.limiter)
 
     with runtime.batcher.admitted():
-        async with anyio.create_task_group() as group:
+        async with client_watch(request) as gone, anyio.create_task_group() as group:
             for index in range(len(parts)):
-                group.start_soon(segment_part, index)
+                group.start_soon(segment_part, index, gone)
     items = [item for part in done for item in part]
     for item in items:
         runtime.metrics.images.labels("rejected" if isinstance(item, Failure) else "ok").inc()

@@ -23,7 +23,7 @@ CUT = (620, 90, 40, [(622, 90, 22)])  # runs past the right edge
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.open(ModelConfig(SHIPPED, device="cpu", intra_op_threads=1), max_pixels=50_000_000)
+    return Engine.open(ModelConfig(SHIPPED, device="cpu", intra_op_threads=1), 50_000_000)
 
 
 def segment(engine: Engine, image: np.ndarray, **options: object) -> Result:

@@ -1,0 +1,54 @@
+"""Hostile inputs, made here from nothing: shapes that explode per-row work, a TIFF whose tile claims far
+more than its image, a progressive JPEG whose last scan repeats, JPEGs that claim 36 MP in 600 bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A PNG of one grey level: a few hundred bytes whatever its size."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 200).save(buffer, format="PNG", optimize=False, compress_level=9)
+    return buffer.getvalue()
+
+
+def tiff_with_giant_tile(width: int = 256, height: int = 256, tile: int = 26736) -> bytes:
+    """A little-endian TIFF of `width`×`height` grey pixels whose single tile claims `tile`×`tile`."""
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
+               (322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, 16)]
+    ifd_offset = 8
+    data_offset = ifd_offset + 2 + 12 * len(entries) + 4
+    body = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = data_offset if tag == 324 else value
+        long_value = kind == 4
+        body += (struct.pack("<HHII", tag, kind, 1, value) if long_value
+                 else struct.pack("<HHIHH", tag, kind, 1, value, 0))
+    return b"II*\x00" + struct.pack("<I", ifd_offset) + body + struct.pack("<I", 0) + b"\x80" * 16
+
+
+def progressive_jpeg_with_repeated_scans(repeats: int = 1000, side: int = 256) -> bytes:
+    """A progressive JPEG whose last scan (SOS header and its data) is repeated `repeats` times."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    last_scan = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:last_scan] + data[last_scan:end] * repeats + data[end:]
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header says `width`×`height`, cut short after its first scan header."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 80, 160)).save(buffer, format="JPEG", quality=50)
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data[:data.index(b"\xff\xda") + 40])
