@@ -27,7 +27,7 @@ from model_training.metrics import REGIONS, region_scores, summarize
 from model_training.models import build_model, count_parameters
 from model_training.predict import predict_labels
 from model_training.synthetic import make_samples
-from model_training.transforms import Augment, input_transform, normalize, to_tensor
+from model_training.transforms import Augment, AugmentConfig, input_transform, normalize, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class TrainConfig:
     out: str = "runs/default"
     resume: str | None = None
     init: str | None = None        # checkpoint whose weights start a new run (fine-tuning)
+    hed: float = 0.0               # HED stain jitter σ of the augmentation (0 = off)
+    freeze_bn: bool = False        # BatchNorm kept in eval mode: running statistics fixed, affine trains
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"base_channels": self.base_channels, "depth": self.depth}
@@ -131,11 +133,28 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.float16
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm of `model` in eval mode: it normalises by its running statistics and no
+    longer updates them (its affine weight and bias still train). Returns how many there are.
+
+    For models whose statistics cannot be re-estimated, e.g. one rebuilt from an export that folded
+    them into the convolutions (`model_training.from_onnx`), or for batches too small to estimate them.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            count += 1
+    return count
+
+
 def train_epoch(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-                dtype: torch.dtype | None, progress: tqdm) -> float:
-    """One pass over `batches`; returns the mean loss."""
+                dtype: torch.dtype | None, progress: tqdm, freeze_bn: bool = False) -> float:
+    """One pass over `batches`; returns the mean loss. `freeze_bn`: BatchNorms stay in eval mode."""
     model.train()
+    if freeze_bn:
+        freeze_batchnorm(model)
     total, count = 0.0, 0
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
@@ -264,7 +283,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",
                 cfg.model, count_parameters(model), train_images, len(train_set), len(val_set), device)
-    augment = Augment(cfg.input_size, generator=torch.Generator())
+    if cfg.freeze_bn or cfg.hed:
+        logger.info("BatchNorm %s, HED stain jitter %s", "frozen" if cfg.freeze_bn else "training",
+                    f"σ {cfg.hed:g}" if cfg.hed else "off")
+    augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed), generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
     loss_fn = DiceCELoss()
@@ -278,7 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         augment.rng.manual_seed(cfg.seed * 100_003 + epoch)
         batches = make_batches(train_set, augment, cfg.batch_size, random.Random(f"{cfg.seed}:{epoch}"))
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
-            loss = train_epoch(model, batches, loss_fn, optimizer, scaler, device, dtype, bar)
+            loss = train_epoch(model, batches, loss_fn, optimizer, scaler, device, dtype, bar, cfg.freeze_bn)
         scores = validate(model, val_set, cfg.input_size, device)
         improved = scores["mean"] > best
         if improved:
@@ -320,6 +342,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--init", default=None,
                    help="checkpoint whose weights start this run (fine-tuning with a fresh optimizer "
                         "and schedule, e.g. at a larger --input-size)")
+    p.add_argument("--hed", type=float, default=defaults.hed,
+                   help="HED stain jitter σ (Tellez et al.): gain U(1−σ, 1+σ) and optical-density shift "
+                        "U(−σ, σ) per stain; 0 = off, 0.05 = light")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm in eval mode (running statistics fixed, affine parameters train); "
+                        "needed to fine-tune a checkpoint rebuilt by model_training.from_onnx")
     args = vars(p.parse_args(argv))
     args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
     args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)

@@ -4,6 +4,7 @@ prediction (evaluation, calibration, parity) prepares images through the engine'
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,7 @@ class AugmentConfig:
     stain: float = 0.08             # per-channel gain
     blur_p: float = 0.25
     noise_std: float = 0.02
+    hed: float = 0.0                # HED stain jitter σ (Tellez et al.): 0 = off, ~0.05 = light
 
 
 class Augment:
@@ -114,6 +116,11 @@ class Augment:
 
     def _colour(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
+        if c.hed:
+            # Drawn only when on, so that a run without it sees the random numbers it always saw.
+            alpha = [self._uniform(1 - c.hed, 1 + c.hed) for _ in range(3)]
+            beta = [self._uniform(-c.hed, c.hed) for _ in range(3)]
+            x = hed_jitter(x, alpha, beta)
         x = x * (1 + self._uniform(-c.brightness, c.brightness))
         mean = x.mean()
         x = (x - mean) * (1 + self._uniform(-c.contrast, c.contrast)) + mean
@@ -129,6 +136,61 @@ class Augment:
         if c.noise_std:
             x = x + torch.randn(x.shape, generator=self.rng) * self._uniform(0, c.noise_std)
         return x
+
+
+#: Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) in optical density per RGB
+#: channel, as scikit-image's `rgb_from_hed`; `HED_FROM_RGB` is its inverse.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
+                         [0.07, 0.99, 0.11],
+                         [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+#: Darkest intensity taken into the logarithm; scikit-image also divides optical densities by
+#: `-ln(OD_FLOOR)` so that its stain concentrations lie in about [0, 1].
+OD_FLOOR = 1e-6
+OD_SCALE = -math.log(OD_FLOOR)
+
+
+def rgb_to_od(x: torch.Tensor) -> torch.Tensor:
+    """Optical density `-ln(I)` of `(3, H, W)` intensities in [0, 1] (floored at `OD_FLOOR`)."""
+    return -torch.log(x.clamp_min(OD_FLOOR))
+
+
+def _mix(matrix: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """`out[i] = Σ_j x[j] · matrix[j, i]` over the channel axis of `(3, H, W)` (row vectors · matrix)."""
+    m = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)
+    return torch.einsum("ji,jhw->ihw", m, x)
+
+
+def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
+    """Colour deconvolution of `(3, H, W)` RGB in [0, 1] into H, E, D stain concentrations on
+    scikit-image's scale (`skimage.color.rgb2hed` is this, clipped at 0 and channels last)."""
+    return _mix(HED_FROM_RGB, rgb_to_od(x) / OD_SCALE)
+
+
+def hed_to_rgb(s: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rgb_to_hed`: `(3, H, W)` stain concentrations → RGB (not clipped;
+    `skimage.color.hed2rgb` is this clipped to [0, 1])."""
+    return torch.exp(-_mix(RGB_FROM_HED, s) * OD_SCALE)
+
+
+def hed_jitter(x: torch.Tensor, alpha: Sequence[float], beta: Sequence[float]) -> torch.Tensor:
+    """Stain augmentation in optical-density space (Tellez et al., 2018): scale each of the H, E and D
+    concentrations by `alpha[c]` and shift it by `beta[c]`, then recombine.
+
+    The shift is in optical-density units (natural log), i.e. `beta / OD_SCALE` on scikit-image's
+    concentration scale: a shift of 0.05 darkens or lightens by a few per cent, where the same number
+    on scikit-image's scale would shift the optical density by 0.69. `alpha = 1, beta = 0` returns
+    the image (up to rounding, for intensities above `OD_FLOOR`).
+
+    Args:
+        x: `(3, H, W)` RGB in [0, 1].
+        alpha: three gains, for H, E and D.
+        beta: three optical-density shifts, for H, E and D.
+    """
+    stains = _mix(HED_FROM_RGB, rgb_to_od(x))
+    a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    b = torch.as_tensor(beta, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return torch.exp(-_mix(RGB_FROM_HED, stains * a + b))
 
 
 def _rotate_hue(x: torch.Tensor, angle: float) -> torch.Tensor:

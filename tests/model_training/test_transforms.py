@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from app.engine.contract import DEFAULT_NORMALIZATION
-from model_training.transforms import Augment, AugmentConfig, normalize, resize_label, to_tensor
+from model_training.transforms import (
+    OD_SCALE,
+    Augment,
+    AugmentConfig,
+    hed_jitter,
+    hed_to_rgb,
+    normalize,
+    resize_label,
+    rgb_to_hed,
+    to_tensor,
+)
 
 #: Background, cytoplasm and nucleus painted in the primary colour of one channel each, so that the
 #: class of every augmented pixel can be read back from its strongest channel, whatever the jitter.
@@ -26,8 +36,9 @@ def _scene(h: int = 90, w: int = 70) -> tuple[np.ndarray, np.ndarray]:
     return PALETTE[label], label
 
 
-@pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(zoom_out=0.4, scale_min=0.5)],
-                         ids=["default", "zoom-out"])
+@pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(zoom_out=0.4, scale_min=0.5),
+                                    AugmentConfig(hed=0.05)],
+                         ids=["default", "zoom-out", "hed"])
 def test_augment_keeps_image_and_label_aligned(config: AugmentConfig) -> None:
     image, label = _scene()
     agreement = []
@@ -85,3 +96,83 @@ def test_to_tensor_accepts_read_only_arrays_without_copying_semantics_changing()
 
     assert x.shape == (3, 2, 3)
     assert float(x[2, 1, 2]) == pytest.approx(image[1, 2, 2] / 255)
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(1, 2, 0).double().numpy()
+
+
+def _chw(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+
+
+def _random_rgb(seed: int = 0) -> np.ndarray:
+    """A 24×20 uint8 image holding black, white and saturated pixels too."""
+    image = np.random.default_rng(seed).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]
+    return image
+
+
+def test_rgb_to_hed_is_scikit_images_rgb2hed() -> None:
+    color = pytest.importorskip("skimage.color")
+    image = _random_rgb()
+
+    ours = rgb_to_hed(_chw(image / 255.0))
+    ours32 = rgb_to_hed(to_tensor(image))
+
+    expected = color.rgb2hed(image)   # clipped at 0, channels last
+    np.testing.assert_allclose(np.maximum(_hwc(ours), 0), expected, atol=1e-9)
+    np.testing.assert_allclose(np.maximum(_hwc(ours32), 0), expected, atol=1e-5)
+
+
+def test_hed_to_rgb_is_scikit_images_hed2rgb() -> None:
+    color = pytest.importorskip("skimage.color")
+    stains = np.random.default_rng(1).uniform(-0.05, 0.3, (16, 12, 3))
+
+    ours = hed_to_rgb(_chw(stains))
+
+    np.testing.assert_allclose(np.clip(_hwc(ours), 0, 1), color.hed2rgb(stains), atol=1e-9)
+
+
+def test_identity_hed_jitter_round_trips() -> None:
+    image = to_tensor(_random_rgb(2))
+
+    same = hed_jitter(image, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+
+    # Black is floored at 1e-6 before the logarithm, so it comes back as 1e-6.
+    torch.testing.assert_close(same, image, atol=2e-6, rtol=1e-5)
+
+
+def test_hed_jitter_scales_and_shifts_stains_as_scikit_image_would() -> None:
+    color = pytest.importorskip("skimage.color")
+    # An image made of non-negative stain mixtures, so that rgb2hed's clipping at 0 changes nothing.
+    stains = np.random.default_rng(3).uniform(0.0, 0.15, (16, 12, 3))
+    image = color.hed2rgb(stains)
+    alpha, beta = [1.04, 0.97, 1.02], [0.03, -0.02, 0.01]
+
+    ours = hed_jitter(_chw(image), alpha, beta)
+
+    # beta is in optical-density units: divided by OD_SCALE on scikit-image's concentration scale.
+    expected = color.hed2rgb(color.rgb2hed(image) * np.array(alpha) + np.array(beta) / OD_SCALE)
+    np.testing.assert_allclose(np.clip(_hwc(ours), 0, 1), expected, atol=1e-9)
+
+
+def test_hed_jitter_changes_colour_a_little_and_leaves_white_nearly_white() -> None:
+    image = to_tensor(_random_rgb(4))
+
+    darker = hed_jitter(image, [1.05, 1.05, 1.05], [0.05, 0.05, 0.05]).clamp(0, 1)
+
+    change = (darker - image).abs()
+    assert 0 < float(change.mean()) < 0.1
+    assert float(darker[:, 0, 1].min()) > 0.85   # the white pixel
+
+
+def test_hed_jitter_changes_the_colour_but_not_the_geometry() -> None:
+    image, label = _scene()
+    x, y = to_tensor(image), torch.from_numpy(label).long()
+
+    off, on = (Augment(40, AugmentConfig(hed=hed), torch.Generator().manual_seed(11))(x, y)
+               for hed in (0.0, 0.05))
+
+    assert torch.equal(on[1], off[1]), "the crop, flips and rotation are drawn before the colour"
+    assert not torch.equal(on[0], off[0])
