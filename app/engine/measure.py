@@ -26,8 +26,8 @@ class Measurements:
 
 def class_areas(mask: np.ndarray) -> dict[str, int]:
     """Pixel counts of nucleus, cytoplasm and the whole cell (their union) in an `(H, W)` label mask."""
-    counts = np.bincount(mask.ravel(), minlength=len(CLASS_NAMES))
-    nucleus, cytoplasm = int(counts[_NUCLEUS]), int(counts[_CYTOPLASM])
+    # count_nonzero per class: np.bincount would first copy the mask to 8-byte integers.
+    nucleus, cytoplasm = int(np.count_nonzero(mask == _NUCLEUS)), int(np.count_nonzero(mask == _CYTOPLASM))
     areas = {"nucleus": nucleus, "cytoplasm": cytoplasm, "cell": nucleus + cytoplasm}
     return {region: areas[region] for region in REGIONS}
 
