@@ -172,7 +172,8 @@ import app.api.main
 
 serve() {  # port
     step "serve on port $1: ${CMD[*]}"
-    bah run --isolation chroot --env "WBC_PORT=$1" "$CTR" -- "${CMD[@]}" >"$WORK/server.log" 2>&1 &
+    bah run --isolation chroot --env "WBC_PORT=$1" --env "WBC_HEADER_TIMEOUT_S=3" "$CTR" -- "${CMD[@]}" \
+        >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     local deadline=$((SECONDS + READY_TIMEOUT))
     until curl -fsS -o "$WORK/ready.json" "http://127.0.0.1:$1/health/ready" 2>/dev/null; do
@@ -239,6 +240,32 @@ print('segment JSON ok')
 "
 }
 
+check_connections() {  # port
+    step "connection limits of the image's server: a stalled head is cut, an oversized one refused"
+    python3 - "$1" <<'PY' || fail "the server's connection limits do not hold"
+import socket, sys, time
+port = int(sys.argv[1])
+stalled = socket.create_connection(("127.0.0.1", port))
+stalled.sendall(b"POST /v1/segm")
+stalled.settimeout(30)
+began = time.monotonic()
+assert stalled.recv(10) == b"", "a stalled request head was answered"
+waited = time.monotonic() - began
+assert waited < 10, f"a stalled request head was held {waited:.0f} s"
+big = socket.create_connection(("127.0.0.1", port))
+big.settimeout(30)
+big.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
+try:
+    for _ in range(16):
+        big.sendall(b"a" * (1 << 20))
+except OSError:
+    pass
+answer = big.recv(64)
+assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+print(f"stalled head closed after {waited:.1f} s; a 16 MB header refused")
+PY
+}
+
 check_writes() {
     step "nothing written outside /tmp by the service user (the root filesystem can be read-only)"
     local mnt written
@@ -270,6 +297,7 @@ for flavour in "${FLAVOURS[@]}"; do
     serve "$port"
     sample_image
     check_segment "$port"
+    check_connections "$port"
     check_writes
     check_shutdown
     remove_container
