@@ -18,10 +18,10 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Everything: service, training (CPU torch) and test tools.
+# Everything: service, training (CPU torch), scale-out (Ray) and test tools.
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[train,dev]" "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[train,dev,scale]" "$(TORCH)"
 	touch $@ $(VENV)/.installed-serve
 
 # Debian's chromium for the browser test (root or sudo); without it those tests skip and say why.
@@ -46,7 +46,7 @@ test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev lint-deploy
-	$(BIN)/ruff check app model_training tests
+	$(BIN)/ruff check app model_training tests benchmarks deploy
 	$(BIN)/mypy app
 
 # The Dockerfile against hadolint, docker-compose.yml against the Compose specification.

@@ -1,10 +1,12 @@
 """`wbc-segment INPUT_DIR OUTPUT_DIR`: segment every image in a folder, write masks and measurements.
 
 Runs the shipped ONNX model in this process, or with `--url` sends the images to a running service in
-batches. Either way the output folder gets `masks/<relative path>_mask.png` (class ids),
-`instances/<relative path>_instances.png` (16-bit cell ids), optionally `overlays/<relative
-path>_overlay.png` and `geojson/<relative path>.geojson` (QuPath cell objects), `results.csv` (one row per
-file, failed files included with their error), `cells.csv` (one row per leukocyte) and `results.json`.
+batches, or with `--engine ray` spreads them over a Ray cluster (`app.scale.ray_data`, which also writes
+`results.parquet` and `cells.parquet` and can `--resume`). Every way, the output folder gets
+`masks/<relative path>_mask.png` (class ids), `instances/<relative path>_instances.png` (16-bit cell
+ids), optionally `overlays/<relative path>_overlay.png` and `geojson/<relative path>.geojson` (QuPath
+cell objects), `results.csv` (one row per file, failed files included with their error), `cells.csv`
+(one row per leukocyte) and `results.json`.
 Exit status: 0 when every image was segmented, 1 when some failed, 2 when the run could not start or had
 to stop (no images, no model, service unreachable, API key refused).
 """
@@ -27,9 +29,30 @@ from app.engine.imaging import IMAGE_SUFFIXES
 from app.engine.report import CELL_COLUMNS, cell_rows, csv_row, error_text, write_csv
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """How `--engine ray` spreads a `FolderJob` over a Ray cluster (see `app.scale.ray_data`).
+
+    Args:
+        address: a running cluster (`ray.init(address=...)`); None starts one on this machine.
+        manifest: a CSV or Parquet file whose `path` column lists the files (relative to the input
+            folder, or absolute inside it) instead of searching the folder.
+        resume: skip the files that the progress record of the output folder lists as done.
+        actors: model actors; None: as many as the cluster's GPUs (or CPUs) allow.
+        cpus_per_actor, gpus_per_actor: what Ray reserves for each actor; fractions share a device.
+    """
+
+    address: str | None = None
+    manifest: Path | None = None
+    resume: bool = False
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
 @dataclass
 class FolderJob:
-    """What `segment_folder` does; `url=None` runs the model in this process."""
+    """What `segment_folder` does; `url=None` runs the model in this process, `ray` on a Ray cluster."""
 
     input_dir: Path
     output_dir: Path
@@ -44,6 +67,7 @@ class FolderJob:
     model_path: Path | None = None
     device: str | None = None
     progress: bool = True
+    ray: RayOptions | None = None
 
 
 @dataclass
@@ -121,8 +145,8 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _record(job: FolderJob, relative: Path, stem: Path, result: FileResult) -> dict[str, Any]:
-    """Write the result's images and GeoJSON; return its `results.json` record."""
+def write_outputs(output_dir: Path, relative: Path, stem: Path, result: FileResult) -> dict[str, Any]:
+    """Write the result's images and GeoJSON under `output_dir`; return its `results.json` record."""
     record: dict[str, Any] = {"file": relative.as_posix(), **result.record}
     geojson = None if result.geojson is None else (json.dumps(result.geojson) + "\n").encode()
     outputs = (("mask", "masks", "_mask.png", result.mask_png),
@@ -132,7 +156,7 @@ def _record(job: FolderJob, relative: Path, stem: Path, result: FileResult) -> d
     for key, folder, suffix, data in outputs:
         if data is not None:
             path = Path(folder) / stem.parent / f"{stem.name}{suffix}"
-            _write(job.output_dir / path, data)
+            _write(output_dir / path, data)
             record[key] = path.as_posix()
     record.setdefault("error", None)
     return record
@@ -150,12 +174,14 @@ def segment_folder(job: FolderJob) -> Summary:
     Raises:
         FatalError: nothing could be done (no images, no model, the service is unreachable).
     """
+    if job.ray is not None:
+        try:
+            from app.scale import ray_data  # Ray is an optional extra, imported only when asked for
+        except ModuleNotFoundError as exc:
+            raise FatalError(f"--engine ray needs Ray ({exc}): pip install 'wbc-segmenter[scale]'") from exc
+        return ray_data.segment_folder(job, job.ray)
     started = time.perf_counter()
-    exclude = job.output_dir if job.output_dir.resolve().is_relative_to(job.input_dir.resolve()) else None
-    paths = find_images(job.input_dir, job.pattern, exclude, job.follow_symlinks)
-    if not paths:
-        what = f"matching {job.pattern!r}" if job.pattern else f"with a suffix {', '.join(IMAGE_SUFFIXES)}"
-        raise FatalError(f"no files {what} under {job.input_dir}")
+    paths = job_images(job)
     backend = _make_backend(job)
     relative = [p.relative_to(job.input_dir) for p in paths]
     stems = output_names(relative)
@@ -170,28 +196,53 @@ def segment_folder(job: FolderJob) -> Summary:
                 break
             for path, result in zip(chunk, results, strict=True):
                 rel = path.relative_to(job.input_dir)
-                records.append(_record(job, rel, stems[rel], result))
+                records.append(write_outputs(job.output_dir, rel, stems[rel], result))
             bar.update(len(chunk))
-    for rel in relative[len(records):]:  # left undone by a fatal error
-        records.append({"file": rel.as_posix(), "filename": rel.name,
-                        "error": {"status": None, "title": "Not processed", "detail": fatal}})
-    return _finish(job, backend, records, time.perf_counter() - started, fatal)
+    records += [not_processed(rel, fatal) for rel in relative[len(records):]]  # undone by a fatal error
+    return write_tables(job, backend.model, records, time.perf_counter() - started, fatal)
 
 
-def _finish(job: FolderJob, backend: Backend, records: list[dict[str, Any]], seconds: float,
-            fatal: str | None) -> Summary:
+def job_images(job: FolderJob) -> list[Path]:
+    """The images under `job.input_dir` (`find_images` of its pattern, the output folder left out).
+
+    Raises:
+        FatalError: there are none.
+    """
+    exclude = job.output_dir if job.output_dir.resolve().is_relative_to(job.input_dir.resolve()) else None
+    paths = find_images(job.input_dir, job.pattern, exclude, job.follow_symlinks)
+    if not paths:
+        what = f"matching {job.pattern!r}" if job.pattern else f"with a suffix {', '.join(IMAGE_SUFFIXES)}"
+        raise FatalError(f"no files {what} under {job.input_dir}")
+    return paths
+
+
+def not_processed(relative: Path, fatal: str | None) -> dict[str, Any]:
+    """The `results.json` record of a file that a fatal error left undone."""
+    return {"file": relative.as_posix(), "filename": relative.name,
+            "error": {"status": None, "title": "Not processed", "detail": fatal}}
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `RESULT_COLUMNS` rows and the `CELL_COLUMNS` rows of `write_outputs` records."""
+    named = [{**r, "filename": r["file"]} for r in records]  # tables name files by their path
+    rows = [csv_row(r, r.get("mask") or "", r.get("overlay") or "", r.get("instances") or "") for r in named]
+    return rows, [row for r in named for row in cell_rows(r)]
+
+
+def write_tables(job: FolderJob, model: dict[str, str], records: list[dict[str, Any]], seconds: float,
+                 fatal: str | None) -> Summary:
+    """Write `results.csv`, `cells.csv` and `results.json` of the run's `write_outputs` records."""
     job.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = job.output_dir / "results.csv", job.output_dir / "results.json"
-    named = [{**r, "filename": r["file"]} for r in records]  # tables name files by their path
+    rows, cells = table_rows(records)
     with csv_path.open("w", newline="", encoding="utf-8") as f:
-        write_csv((csv_row(r, r.get("mask") or "", r.get("overlay") or "", r.get("instances") or "")
-                   for r in named), f)
+        write_csv(rows, f)
     with (job.output_dir / "cells.csv").open("w", newline="", encoding="utf-8") as f:
-        write_csv((row for r in named for row in cell_rows(r)), f, CELL_COLUMNS)
+        write_csv(cells, f, CELL_COLUMNS)
     failures = [(r["file"], error_text(r["error"])) for r in records if r.get("error")]
+    source = job.url or ("ray" if job.ray else "in-process")
     document = {"count": len(records), "failed": len(failures), "pixel_size_um": job.pixel_size_um,
-                "model": backend.model, "source": job.url or "in-process", "seconds": round(seconds, 3),
-                "results": records}
+                "model": model, "source": source, "seconds": round(seconds, 3), "results": records}
     json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return Summary(len(records), len(failures), seconds, csv_path, json_path, fatal, failures)
 
@@ -208,6 +259,35 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _not_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+_RAY_ARGS = ("address", "manifest", "resume", "actors", "cpus_per_actor", "gpus_per_actor")
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray (with --engine ray; pip install 'wbc-segmenter[scale]')")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process (default); ray: Ray Data over a Ray cluster")
+    ray.add_argument("--address", help="a running Ray cluster, e.g. ray://head:10001 or auto (default: "
+                                       "start one on this machine)")
+    ray.add_argument("--manifest", type=Path, metavar="FILE",
+                     help="a .csv or .parquet file whose 'path' column lists the images, relative to "
+                          "INPUT_DIR (default: search INPUT_DIR)")
+    ray.add_argument("--resume", action="store_true",
+                     help="skip the files that OUTPUT_DIR/progress.jsonl lists as done")
+    ray.add_argument("--actors", type=_positive_int, metavar="N",
+                     help="model actors (default: as many as the cluster's GPUs or CPUs allow)")
+    ray.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, metavar="N",
+                     help="CPUs Ray reserves per model actor, fractions allowed (default: 1)")
+    ray.add_argument("--gpus-per-actor", type=_not_negative_float, default=0.0, metavar="N",
+                     help="GPUs per model actor; 0.25 puts four actors on a GPU (default: 0, the CPU)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
@@ -239,10 +319,18 @@ def parse_args(argv: Sequence[str] | None = None) -> FolderJob:
     p.add_argument("--follow-symlinks", action="store_true",
                    help="also segment files that symbolic links lead to outside INPUT_DIR")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    args = p.parse_args(argv)
-    if not args.input_dir.is_dir():
-        p.error(f"{args.input_dir} is not a folder")
-    job = FolderJob(**vars(args))
+    _add_ray_args(p)
+    values = vars(p.parse_args(argv))
+    if not values["input_dir"].is_dir():
+        p.error(f"{values['input_dir']} is not a folder")
+    ray: RayOptions | None = RayOptions(**{name: values.pop(name) for name in _RAY_ARGS})
+    if values.pop("engine") == "local":
+        if ray != RayOptions():
+            p.error("--address, --manifest, --resume, --actors and --*-per-actor need --engine ray")
+        ray = None
+    elif values["url"]:
+        p.error("--engine ray runs the model on the cluster; it takes no --url")
+    job = FolderJob(**values, ray=ray)
     if job.url and job.api_key is None:
         from app.config import get_settings  # the one reader of the environment
 

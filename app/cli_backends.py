@@ -55,24 +55,37 @@ def failure(filename: str, status: int | None, title: str, detail: str) -> FileR
     return FileResult({"filename": filename, "error": {"status": status, "title": title, "detail": detail}})
 
 
-def _read(path: Path) -> bytes | FileResult:
+def read_file(path: Path) -> bytes | FileResult:
+    """The file's bytes, or its failure record when it cannot be read."""
     try:
         return path.read_bytes()
     except OSError as exc:
         return failure(path.name, None, "Cannot read the file", exc.strerror or str(exc))
 
 
+def local_settings(model_path: Path | None, device: str | None, batch_size: int,
+                   **fields: Any) -> Settings:
+    """The environment's WBC_* settings, as the service reads them, with the folder command's choices
+    (and `fields`, e.g. a Ray actor's `intra_op_threads`) on top."""
+    overrides: dict[str, Any] = {"max_batch_size": min(batch_size, 256), "warmup_runs": 0, **fields}
+    if model_path is not None:
+        overrides["model_path"] = model_path
+    if device is not None:
+        overrides["device"] = device
+    return Settings(**overrides)
+
+
 class LocalBackend:
-    """The model in this process, through the same `Engine` the service runs."""
+    """The model in this process, through the same `Engine` the service runs.
+
+    Args:
+        settings: default `local_settings(model_path, device, batch_size)`; a Ray job passes the
+            settings its driver read, so that every actor runs the model the same way.
+    """
 
     def __init__(self, model_path: Path | None, device: str | None, batch_size: int, overlays: bool,
-                 geojson: bool = False) -> None:
-        overrides: dict[str, Any] = {"max_batch_size": min(batch_size, 256), "warmup_runs": 0}
-        if model_path is not None:
-            overrides["model_path"] = model_path
-        if device is not None:
-            overrides["device"] = device
-        settings = Settings(**overrides)  # the environment's WBC_* settings, as the service reads them
+                 geojson: bool = False, settings: Settings | None = None) -> None:
+        settings = settings or local_settings(model_path, device, batch_size)
         try:
             self.engine = Engine.open(settings.engine_config(), settings.decode_limits())
         except ModelLoadError as exc:
@@ -83,8 +96,12 @@ class LocalBackend:
         self.model = self.engine.metadata.ref
 
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
-        contents = [_read(p) for p in paths]
-        uploads = [Upload(p.name, c) for p, c in zip(paths, contents, strict=True) if isinstance(c, bytes)]
+        return self.segment_contents([p.name for p in paths], [read_file(p) for p in paths], pixel_size_um)
+
+    def segment_contents(self, names: list[str], contents: list[bytes | FileResult],
+                         pixel_size_um: float | None) -> list[FileResult]:
+        """`segment` of files already read: one result per name, a `FileResult` content kept as it is."""
+        uploads = [Upload(n, c) for n, c in zip(names, contents, strict=True) if isinstance(c, bytes)]
         options = Options(pixel_size_um, mask_png=True, overlay_png=self.overlays, instances_png=True,
                           geojson=self.geojson)
         done = iter(self.engine.segment_many(uploads, options))
@@ -132,7 +149,7 @@ class RemoteBackend:
         if len(paths) > self.chunk_size:  # the service took fewer files than asked before
             half = self.chunk_size
             return self.segment(paths[:half], pixel_size_um) + self.segment(paths[half:], pixel_size_um)
-        contents = [_read(p) for p in paths]
+        contents = [read_file(p) for p in paths]
         sendable = [(p, c) for p, c in zip(paths, contents, strict=True) if isinstance(c, bytes)]
         answers = iter(self._send(sendable, pixel_size_um) if sendable else [])
         return [c if isinstance(c, FileResult) else next(answers) for c in contents]

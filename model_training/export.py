@@ -33,6 +33,7 @@ from app.engine.contract import (
 )
 from model_training.models import build_model, count_parameters
 from model_training.transforms import input_transform
+from model_training.triton import write_repository
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ExportConfig:
     evaluation: str | None = None   # path of an evaluate JSON report whose scores go into model.json
     provenance: str | None = None   # JSON text or path describing the training data
     check_images: tuple[str, ...] = ()
+    triton: str | None = None       # also write a Triton model repository there (model_training.triton)
 
 
 def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -182,6 +184,8 @@ def export(cfg: ExportConfig) -> ModelMetadata:
     meta = build_metadata(cfg, state, model, onnx_path, max_diff)
     meta.write(out / "model.json")
     logger.info("exported %s (%d parameters), parity %.2g", onnx_path, meta.parameters, max_diff)
+    if cfg.triton:
+        logger.info("wrote %s", write_repository(onnx_path, Path(cfg.triton)))
     return meta
 
 
@@ -194,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--evaluation", help="JSON report of wbc-evaluate whose scores to record")
     p.add_argument("--provenance", help="JSON (text or file) describing the training data")
     p.add_argument("--check-images", nargs="*", default=(), help="real images for the parity check")
+    p.add_argument("--triton", metavar="DIR", help="also write a Triton model repository (config.pbtxt)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     meta = export(ExportConfig(**{**vars(args), "check_images": tuple(args.check_images)}))

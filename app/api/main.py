@@ -23,7 +23,7 @@ from app.api.deps import Phase, Runtime, ServiceState
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.observability import REQUEST_ID_HEADER, RequestContextMiddleware, configure_logging
-from app.api.routes import health, model, problems, segment
+from app.api.routes import health, model, oip, problems, segment
 from app.api.security import (
     API_KEY_HEADER,
     ApiKeyMiddleware,
@@ -76,6 +76,7 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
                                if settings.api_key else {})
     app.include_router(model.router, **guarded)
     app.include_router(segment.router, **guarded)
+    app.include_router(oip.router, **guarded)
 
 
 def _mount_static(app: FastAPI) -> None:

@@ -25,12 +25,15 @@ def _digest(value: str) -> bytes:
 
 
 class ApiKeyMiddleware:
-    """Refuses requests under `prefixes` without the right `X-API-Key` (compared in constant time).
+    """Refuses requests under `prefixes` without the right `X-API-Key` (compared in constant time). The
+    health probes (`/health/*`, the protocol's `/v2/health/*`) and server metadata stay open, as for
+    the load balancers and KServe probes that call them.
 
     Runs before routing so that an unauthenticated client cannot make the service read an upload.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
+    def __init__(self, app: ASGIApp, api_key: str,
+                 prefixes: tuple[str, ...] = ("/v1/", "/v2/models")) -> None:
         self.app = app
         self._digest = _digest(api_key)
         self._prefixes = prefixes
