@@ -39,8 +39,8 @@ from app.engine.locate import _analyse, find_leukocytes
 from benchmarks.finder_study import (
     BCCD,
     ZHENG,
-    _largest_free_rectangle,
     corners,
+    free_strip,
     iou,
     load_bccd,
     match,
@@ -266,21 +266,14 @@ def empty_check(engine: Engine, names, boxes, folder: Path) -> tuple[int, int, l
     """Cells found in the largest WBC-free strip of each field: (strips with a cell, strips, details)."""
     bad, total, details = 0, 0, []
     for name in names:
-        rgb = read_rgb(BCCD / "images" / name)
-        h, w = rgb.shape[:2]
-        free = np.ones((h, w), bool)
-        for x0, y0, x1, y1 in boxes.get(name, []):
-            free[max(0, y0 - 10):y1 + 10, max(0, x0 - 10):x1 + 10] = False
-        region = _largest_free_rectangle(free)
-        if region is None:
+        strip = free_strip(read_rgb(BCCD / "images" / name), boxes.get(name, []))
+        if strip is None:
             continue
-        x0, y0, x1, y1 = region
-        strip = np.ascontiguousarray(rgb[y0:y1, x0:x1])
         result, _, _, _ = segment(engine, "strip.png", png_bytes(strip))
         total += 1
         if result.cells:
             bad += 1
-            details.append((name, (x1 - x0, y1 - y0), [(c.bbox, c.areas_px["cell"], c.score)
+            details.append((name, strip.shape[1::-1], [(c.bbox, c.areas_px["cell"], c.score)
                                                         for c in result.cells]))
             shown = strip.copy()
             for c in result.cells:

@@ -186,18 +186,25 @@ def empty_checks(names, boxes, images, params: Params) -> tuple[int, int]:
     """Largest WBC-free region (at least 200x200) of each field: (fields with a candidate, fields)."""
     bad = total = 0
     for name in names:
-        rgb = images[name]
-        h, w = rgb.shape[:2]
-        free = np.ones((h, w), bool)
-        for x0, y0, x1, y1 in boxes.get(name, []):
-            free[max(0, y0 - 10):y1 + 10, max(0, x0 - 10):x1 + 10] = False
-        region = _largest_free_rectangle(free)
-        if region is None:
+        strip = free_strip(images[name], boxes.get(name, []))
+        if strip is None:
             continue
-        x0, y0, x1, y1 = region
         total += 1
-        bad += bool(detect(np.ascontiguousarray(rgb[y0:y1, x0:x1]), None, params))
+        bad += bool(detect(strip, None, params))
     return bad, total
+
+
+def free_strip(rgb: np.ndarray, wbc_boxes) -> np.ndarray | None:
+    """The largest region (at least 200 x 200) of a field that keeps 10 px away from every WBC box."""
+    h, w = rgb.shape[:2]
+    free = np.ones((h, w), bool)
+    for x0, y0, x1, y1 in wbc_boxes:
+        free[max(0, y0 - 10):y1 + 10, max(0, x0 - 10):x1 + 10] = False
+    region = _largest_free_rectangle(free)
+    if region is None:
+        return None
+    x0, y0, x1, y1 = region
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 
 def _largest_free_rectangle(free: np.ndarray):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from model_training import CLASS_NAMES
-from model_training.export import PARITY_TOLERANCE, ParityError
+from model_training.export import PARITY_TOLERANCE, check_parity
 from model_training.models import build_model, count_parameters
 from model_training.train import TrainConfig
 
@@ -219,32 +219,16 @@ def rebuild(onnx_path: Path | str,
 
 def parity(model: nn.Module, onnx_path: Path | str, input_size: int, seed: int = 0,
            tolerance: float = PARITY_TOLERANCE) -> float:
-    """Largest |onnxruntime − PyTorch| logit over random inputs at the model size and an odd size.
+    """Largest |onnxruntime − PyTorch| logit over random inputs at the model size and an odd size (the
+    export's own check, `export.check_parity`).
 
     Raises:
         ParityError: when it exceeds `tolerance`.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((2, 3, input_size, input_size), dtype=np.float32),
               rng.standard_normal((1, 3, 117, 101), dtype=np.float32)]
-    worst = 0.0
-    model = model.eval()
-    with torch.no_grad():
-        for x in inputs:
-            expected = model(torch.from_numpy(x)).numpy()
-            got = session.run(None, {"image": x})[0]
-            if got.shape != expected.shape:
-                raise ParityError(f"onnxruntime shape {got.shape} != PyTorch {expected.shape}")
-            worst = max(worst, float(np.abs(got - expected).max()))
-    if worst > tolerance:
-        raise ParityError(f"max |onnxruntime − PyTorch| = {worst:.3g} > {tolerance:g}")
-    return worst
+    return check_parity(model.eval(), onnx_path, inputs, tolerance)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
