@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,10 +99,12 @@ class LocalBackend:
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
         return self.segment_contents([p.name for p in paths], [read_file(p) for p in paths], pixel_size_um)
 
-    def segment_contents(self, names: list[str], contents: list[bytes | FileResult],
+    def segment_contents(self, names: list[str], contents: Sequence[bytes | Upload | FileResult],
                          pixel_size_um: float | None) -> list[FileResult]:
-        """`segment` of files already read: one result per name, a `FileResult` content kept as it is."""
-        uploads = [Upload(n, c) for n, c in zip(names, contents, strict=True) if isinstance(c, bytes)]
+        """`segment` of files already read (bytes) or decoded (an `Upload` with `decoded`): one result per
+        name, a `FileResult` content kept as it is."""
+        uploads = [c if isinstance(c, Upload) else Upload(n, c)
+                   for n, c in zip(names, contents, strict=True) if not isinstance(c, FileResult)]
         options = Options(pixel_size_um, mask_png=True, overlay_png=self.overlays, instances_png=True,
                           geojson=self.geojson)
         done = iter(self.engine.segment_many(uploads, options))

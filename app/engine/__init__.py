@@ -12,8 +12,8 @@ onnxruntime, with no HTTP and no torch.
 """
 
 from app.engine.contract import CLASS_NAMES, REGIONS, ModelMetadata
-from app.engine.pipeline import Engine, Failure, Options, Result, Upload
+from app.engine.pipeline import Decoded, Engine, Failure, Options, Result, Upload, decode_upload
 from app.engine.session import Model, ModelConfig
 
-__all__ = ["CLASS_NAMES", "REGIONS", "Engine", "Failure", "Model", "ModelConfig", "ModelMetadata", "Options",
-           "Result", "Upload"]
+__all__ = ["CLASS_NAMES", "REGIONS", "Decoded", "Engine", "Failure", "Model", "ModelConfig", "ModelMetadata",
+           "Options", "Result", "Upload", "decode_upload"]

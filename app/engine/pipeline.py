@@ -75,12 +75,39 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Decoded:
+    """A decoded image `(H, W, 3)` uint8 and the pixel size its file records."""
+
+    pixels: np.ndarray
+    file_pixel_size_um: float | None
+
+
+@dataclass(frozen=True)
 class Upload:
-    """A file to segment; `error` is set when it was refused before it reached the engine (too large)."""
+    """A file to segment; `error` is set when it was refused before it reached the engine (too large);
+    `decoded` when it was decoded elsewhere (`decode_upload`, say on a Ray CPU task), and `data` is then
+    not read."""
 
     filename: str
     data: bytes
     error: ServiceError | None = None
+    decoded: Decoded | None = None
+
+
+def decode_upload(upload: Upload, limits: DecodeLimits, file_pixel_size: bool = True) -> Decoded:
+    """Check the file's header against `limits`, decode it, and read its recorded pixel size.
+
+    Raises:
+        ServiceError: the file was refused or cannot be decoded (`InvalidImageError`, ...).
+    """
+    if upload.decoded is not None:
+        return upload.decoded
+    if upload.error is not None:
+        raise upload.error
+    check_image(upload.data, limits)
+    # The decoded Pillow image is dropped as soon as its array exists: both would cost 7 bytes a pixel.
+    pixels = np.asarray(decode_image(upload.data, limits))
+    return Decoded(pixels, pixel_size_from_file(upload.data) if file_pixel_size else None)
 
 
 def _spend(budget: list[int | None], size: tuple[int, int]) -> None:
@@ -105,14 +132,6 @@ def _checked(infer: Infer, cancelled: Callable[[], bool] | None) -> Infer:
         return infer(images)
 
     return run
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """A decoded image `(H, W, 3)` uint8 and the pixel size its file records."""
-
-    pixels: np.ndarray
-    file_pixel_size_um: float | None
 
 
 class Engine:
@@ -178,20 +197,17 @@ class Engine:
         if cancelled is not None and cancelled():
             raise ClientGoneError("The client has gone.")
         try:
-            if upload.error is not None:
-                raise upload.error
-            _spend(budget, check_image(upload.data, self.limits))
-            # The decoded Pillow image is dropped as soon as its array exists: both would cost 7 bytes
-            # a pixel instead of 3.
-            pixels = np.asarray(decode_image(upload.data, self.limits))
+            if upload.error is None and upload.decoded is None:
+                _spend(budget, check_image(upload.data, self.limits))
+            elif upload.decoded is not None:
+                _spend(budget, upload.decoded.pixels.shape[1::-1])
+            decoded = decode_upload(upload, self.limits, file_pixel_size=not options.pixel_size_um)
         except ServiceError as exc:
             return Failure(upload.filename, exc)
-        file_size = None if options.pixel_size_um else pixel_size_from_file(upload.data)
-        decoded = _Decoded(pixels, file_size)
         stitched, run_ms = segment_cells(decoded.pixels, self.transform, infer, options.cell_diameter_px)
         return self._finish(upload.filename, decoded, stitched, run_ms, options)
 
-    def _finish(self, filename: str, decoded: _Decoded, stitched: Stitcher, run_ms: float,
+    def _finish(self, filename: str, decoded: Decoded, stitched: Stitcher, run_ms: float,
                 options: Options) -> Result:
         pixel_size, source = ((options.pixel_size_um, "request") if options.pixel_size_um else
                               (decoded.file_pixel_size_um, "file") if decoded.file_pixel_size_um else

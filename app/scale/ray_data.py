@@ -3,9 +3,10 @@
 Three streamed stages; Ray Data keeps only a few blocks of each in flight, so a million files never sit
 in memory at once:
 
-1. read (CPU tasks): each file's bytes, or its failure record when it cannot be read;
-2. segment (model actors, `ActorPoolStrategy`): `Engine.segment_many` on a batch of files, through the
-   folder command's own `LocalBackend`, built once per actor;
+1. read and decode (CPU tasks): each file's pixels and recorded pixel size (`engine.decode_upload`, the
+   engine's own checks and decoder), or its failure record when it cannot be read or decoded;
+2. segment (model actors, `ActorPoolStrategy`): `Engine.segment_many` on a batch of decoded images,
+   through the folder command's own `LocalBackend`, built once per actor;
 3. write (CPU tasks): masks/, instances/, overlays/ and geojson/ with the folder command's
    `write_outputs`; only each file's small `results.json` record goes back to the driver.
 
@@ -45,8 +46,11 @@ from app.cli import (
     write_tables,
 )
 from app.cli_backends import FatalError, FileResult, LocalBackend, local_settings, read_file
+from app.engine import Decoded, Failure, Upload, decode_upload
 from app.engine.contract import ModelMetadata, metadata_path, verify_model_file
-from app.engine.errors import ModelLoadError
+from app.engine.errors import ModelLoadError, ServiceError
+from app.engine.imaging import DecodeLimits
+from app.engine.report import item_document
 from app.scale.records import PROGRESS_FILE, Progress, read_manifest, write_parquet
 
 _RAISED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception): ")
@@ -113,7 +117,9 @@ def build_dataset(rows: list[dict[str, Any]], job: FolderJob, options: RayOption
     blocks = min(MAX_BLOCKS, -(-len(rows) // job.batch_size))
     actors = min(actors, blocks)  # an actor without a block to work on would only load the model
     return (ray.data.from_items(rows, override_num_blocks=blocks)
-            .map_batches(read_batch, batch_size=job.batch_size, num_cpus=TASK_CPUS)
+            .map_batches(partial(read_batch, limits=settings.decode_limits(),
+                                 file_pixel_size=job.pixel_size_um is None),
+                         batch_size=job.batch_size, num_cpus=TASK_CPUS)
             .map_batches(Segmenter, batch_size=job.batch_size, compute=ActorPoolStrategy(size=actors),
                          num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None,
                          fn_constructor_kwargs={"settings": settings, "batch_size": job.batch_size,
@@ -135,12 +141,26 @@ def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value)
 
 
-def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stage 1: each file's bytes, or the failure record of a file that cannot be read."""
-    contents = [read_file(Path(p)) for p in batch["path"]]
+def read_batch(batch: dict[str, np.ndarray], limits: DecodeLimits,
+               file_pixel_size: bool) -> dict[str, np.ndarray]:
+    """Stage 1: each file's decoded pixels and recorded pixel size (NaN when none), or the failure record
+    of a file that cannot be read or decoded."""
+    decoded: list[Decoded | FileResult] = []
+    for path in batch["path"]:
+        content = read_file(Path(path))
+        if isinstance(content, FileResult):
+            decoded.append(content)
+            continue
+        try:
+            decoded.append(decode_upload(Upload(Path(path).name, content), limits, file_pixel_size))
+        except ServiceError as exc:
+            decoded.append(FileResult(item_document(Failure(Path(path).name, exc))))
+    empty = np.zeros((0, 0, 3), np.uint8)
     return {"index": batch["index"], "file": batch["file"], "stem": batch["stem"],
-            "data": _objects([c if isinstance(c, bytes) else b"" for c in contents]),
-            "failure": _objects(["" if isinstance(c, bytes) else _json(c.record) for c in contents])}
+            "pixels": _objects([d.pixels if isinstance(d, Decoded) else empty for d in decoded]),
+            "pixel_size": np.array([d.file_pixel_size_um or np.nan if isinstance(d, Decoded) else np.nan
+                                    for d in decoded], np.float64),
+            "failure": _objects(["" if isinstance(d, Decoded) else _json(d.record) for d in decoded])}
 
 
 class Segmenter:
@@ -153,9 +173,11 @@ class Segmenter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [Path(f).name for f in batch["file"]]
-        contents: list[bytes | FileResult] = [
-            FileResult(json.loads(failure)) if failure else data
-            for data, failure in zip(batch["data"], batch["failure"], strict=True)]
+        contents: list[Upload | FileResult] = [
+            FileResult(json.loads(failure)) if failure else
+            Upload(name, b"", decoded=Decoded(np.asarray(pixels), None if np.isnan(size) else float(size)))
+            for name, pixels, size, failure in zip(names, batch["pixels"], batch["pixel_size"],
+                                                   batch["failure"], strict=True)]
         results = self.backend.segment_contents(names, contents, self.pixel_size_um)
         return {"index": batch["index"], "file": batch["file"], "stem": batch["stem"],
                 **{field: _objects([_packed(r, field) for r in results]) for field in RESULT_FIELDS}}
