@@ -131,58 +131,70 @@ def segment_cells(pixels: np.ndarray, transform: InputTransform, infer: Infer,
     """
     height, width = pixels.shape[:2]
     windows = windows_for(find_leukocytes(pixels, cell_diameter_px), height, width)
+    runs = _Runs(pixels, transform, infer)
     if not windows:
-        return _crop_without_candidates(pixels, transform, infer)
-    logits, labels, run_ms = _run(pixels, windows, transform, infer)
+        return _crop_without_candidates(runs)
+    logits, labels = runs.run(windows)
     for _ in range(GROW_ROUNDS):
         grown = {i: g for i in range(len(windows)) if (g := _grown(windows[i], labels[i], height, width))}
         if not grown:
             break
-        again, again_labels, more_ms = _run(pixels, list(grown.values()), transform, infer)
+        again, again_labels = runs.run(list(grown.values()))
         for k, i in enumerate(grown):
             windows[i], logits[i], labels[i] = grown[i], again[k], again_labels[k]
-        run_ms += more_ms
     merged = _merge_split_cells(windows, labels, height, width)
     if merged is not None:
         windows = merged
-        logits, labels, more_ms = _run(pixels, windows, transform, infer)
-        run_ms += more_ms
+        logits, labels = runs.run(windows)
     stitched = Stitcher(height, width, windows)
     for index in range(len(windows)):
         stitched.add(index, labels[index], foreground_probability(logits[index]))
-    return stitched, run_ms
+    return stitched, runs.ms
 
 
-def _crop_without_candidates(pixels: np.ndarray, transform: InputTransform,
-                             infer: Infer) -> tuple[Stitcher, float]:
+class _Runs:
+    """The model runs of one image: windows as one batch, each distinct window run once (a grown or
+    merged window is often one already run, such as the whole crop)."""
+
+    def __init__(self, pixels: np.ndarray, transform: InputTransform, infer: Infer) -> None:
+        self.pixels, self.transform, self.infer = pixels, transform, infer
+        self.done: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.ms = 0.0
+
+    def run(self, windows: list[Window]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Logits `(C, h, w)` and labels `(side, side)` of each window."""
+        keys = [(w.x0, w.y0, w.side) for w in windows]
+        todo = {k: w for k, w in zip(keys, windows, strict=True) if k not in self.done}
+        if todo:
+            batch = np.stack([self.transform(window_pixels(self.pixels, w)) for w in todo.values()])
+            logits, run_ms = self.infer(batch)
+            self.ms += run_ms
+            for (key, window), lg in zip(todo.items(), logits, strict=True):
+                self.done[key] = (lg, labels_at_size(lg, (window.side, window.side)))
+        return [self.done[k][0] for k in keys], [self.done[k][1] for k in keys]
+
+
+def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:
     """A crop-sized image in which the finder saw no nucleus (a pale stain) gets one window over the whole
     image, as the model was trained; its cell counts only if the model finds one at the centre with a
     nucleus of its own. Larger images, and crops without such a cell, have none."""
-    height, width = pixels.shape[:2]
-    if max(height, width) > CROP_SIDE_FACTOR * max(transform.size):
+    height, width = runs.pixels.shape[:2]
+    if max(height, width) > CROP_SIDE_FACTOR * max(runs.transform.size):
         return Stitcher(height, width, []), 0.0
     whole = Window(0, 0, max(height, width), Candidate((0, 0, width, height), 0.0, 0, True))
-    logits, labels, run_ms = _run(pixels, [whole], transform, infer)
+    logits, labels = runs.run([whole])
     region = _central_region(whole, labels[0])
     if region is None:
-        return Stitcher(height, width, []), run_ms
+        return Stitcher(height, width, []), runs.ms
     nucleus = int((labels[0][region] == NUCLEUS).sum())
     if region.sum() < MIN_CROP_CELL * height * width or nucleus < MIN_NUCLEUS_SHARE * region.sum():
-        return Stitcher(height, width, []), run_ms
+        return Stitcher(height, width, []), runs.ms
     ys, xs = np.nonzero(region)
     box = (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1)
     found = replace(whole, candidate=replace(whole.candidate, bbox=box, nucleus_area_px=nucleus))
     stitched = Stitcher(height, width, [found])
     stitched.add(0, labels[0], foreground_probability(logits[0]))
-    return stitched, run_ms
-
-
-def _run(pixels: np.ndarray, windows: list[Window], transform: InputTransform,
-         infer: Infer) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """The windows as one batch: their logits `(C, h, w)`, labels `(side, side)` and the run's ms."""
-    logits, run_ms = infer(np.stack([transform(window_pixels(pixels, w)) for w in windows]))
-    labels = [labels_at_size(lg, (w.side, w.side)) for lg, w in zip(logits, windows, strict=True)]
-    return list(logits), labels, run_ms
+    return stitched, runs.ms
 
 
 def _grown(window: Window, labels: np.ndarray, height: int, width: int) -> Window | None:
