@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from app.cli_backends import Backend, FatalError, FileResult, LocalBackend, RemoteBackend
 from app.engine.imaging import IMAGE_SUFFIXES
-from app.engine.report import CELL_COLUMNS, cell_rows, csv_row, error_text, write_csv
+from app.engine.report import CELL_COLUMNS, cell_rows, csv_row, error_text, printable, write_csv
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | Non
         FatalError: a pattern that could reach outside `input_dir` (absolute, or with `..`).
     """
     if pattern and (Path(pattern).is_absolute() or ".." in Path(pattern).parts):
-        raise FatalError(f"--glob {shown(pattern)} reaches outside the input folder; give a pattern "
+        raise FatalError(f"--glob {printable(pattern)} reaches outside the input folder; give a pattern "
                          "relative to it, without '..'")
     candidates = input_dir.rglob(pattern) if pattern else (
         p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -109,10 +109,6 @@ def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | Non
              and (follow_symlinks or p.resolve().is_relative_to(root))]
     return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
 
-
-def shown(text: str) -> str:
-    """`text` safe to print on a terminal: control characters (escape sequences, newlines) as \\xNN."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def output_names(relative: list[Path]) -> dict[Path, Path]:
@@ -343,11 +339,11 @@ def print_summary(summary: Summary, limit: int = 20) -> None:
     """The failed files (the first `limit`), their names made safe for a terminal, on stderr, then one
     line of counts and time on stdout."""
     for name, error in summary.failures[:limit]:
-        print(f"failed: {shown(name)}: {shown(error)}", file=sys.stderr)
+        print(f"failed: {printable(name)}: {printable(error)}", file=sys.stderr)
     if len(summary.failures) > limit:
         print(f"... and {len(summary.failures) - limit} more, see {summary.csv_path}", file=sys.stderr)
     if summary.fatal:
-        print(f"wbc-segment: stopped: {shown(summary.fatal)}", file=sys.stderr)
+        print(f"wbc-segment: stopped: {printable(summary.fatal)}", file=sys.stderr)
     print(f"{summary.ok} segmented, {summary.failed} failed, {summary.total} in all, "
           f"in {summary.seconds:.1f} s; results in {summary.csv_path} and {summary.json_path.name}")
 
@@ -357,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = segment_folder(job)
     except FatalError as exc:
-        print(f"wbc-segment: {shown(str(exc))}", file=sys.stderr)
+        print(f"wbc-segment: {printable(str(exc))}", file=sys.stderr)
         return 2
     print_summary(summary)
     return 2 if summary.fatal else (1 if summary.failed else 0)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.engine import Engine, Model, Options, Upload
 from app.engine.contract import ModelMetadata
 from app.engine.imaging import decode_image
 from app.engine.labels import labels_at_size
@@ -63,12 +64,12 @@ class RawSession:
         return Stats(len(latencies), seconds, latencies)
 
     def bench_pipeline(self, count: int) -> Stats:
-        """`count` images, one at a time, through everything the service does to one outside HTTP:
-        decode, preprocess, run, logits to a full-size mask, measure."""
+        """`count` images, one at a time, through everything the service does to one outside HTTP: the
+        engine's `segment` (decode, find the cells, their windows on this session, stitch, measure)."""
+        engine = Engine(Model(self.session, ModelMetadata.for_model(self.model), self.model), 10**9)
+
         def one(data: bytes) -> None:
-            image = decode_image(data, 10**9)
-            logits = self.session.run(None, {self.input: self.transform(image)[None]})[0]
-            measure(labels_at_size(logits[0], (image.height, image.width)))
+            engine.segment(Upload("image", data), Options())
 
         latencies = []
         started = time.perf_counter()

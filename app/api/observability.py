@@ -15,6 +15,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.metrics import Metrics
+from app.engine.report import printable
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class EscapingFormatter(logging.Formatter):
     request path, terminal escape sequences) are written as escapes, so no client forges a line."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        text = super().formatMessage(record)
-        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return printable(super().formatMessage(record))
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -124,16 +124,16 @@ class SecurityHeadersMiddleware:
     assets also the Content-Security-Policy and `X-Frame-Options: DENY`. (FastAPI's `/docs` loads its
     scripts from a CDN and inline, so the page's policy is not applied there.)"""
 
-    def __init__(self, app: ASGIApp, page_paths: tuple[str, ...] = ("/", "/static/")) -> None:
+    def __init__(self, app: ASGIApp, assets_prefix: str = "/static/") -> None:
         self.app = app
-        self.page_paths = page_paths
+        self.assets_prefix = assets_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        page = path == "/" or path.startswith(self.page_paths[1:])
+        page = path == "/" or path.startswith(self.assets_prefix)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from app.engine.contract import CLASS_NAMES, REGIONS
+from app.engine.contract import CLASS_NAMES
 from app.engine.labels import labels_at_size
 from app.engine.locate import Candidate, find_leukocytes
-from app.engine.measure import to_square_microns
+from app.engine.measure import class_areas, to_square_microns
 from app.engine.transform import InputTransform
 
 #: `(N, 3, h, w)` float32 network inputs → `(N, C, h, w)` logits and the milliseconds of the run(s).
@@ -42,7 +42,7 @@ CROP_WINDOW = 0.75
 GROW_ROUNDS = 3
 #: A window's cell region smaller than this fraction of its finder box is not a leukocyte after all.
 MIN_AREA_FRACTION = 0.15
-CYTOPLASM, NUCLEUS = CLASS_NAMES.index("cytoplasm"), CLASS_NAMES.index("nucleus")
+NUCLEUS = CLASS_NAMES.index("nucleus")
 
 
 @dataclass(frozen=True)
@@ -345,10 +345,7 @@ def measure_cells(stitched: Stitcher, pixel_size_um: float | None) -> list[Cell]
         cell_id = index + 1
         mine = stitched.instances[ry0:ry1, rx0:rx1] == cell_id
         ys, xs = np.nonzero(mine)
-        classes = stitched.labels[ry0:ry1, rx0:rx1][mine]
-        nucleus, cytoplasm = int((classes == NUCLEUS).sum()), int((classes == CYTOPLASM).sum())
-        counted = {"nucleus": nucleus, "cytoplasm": cytoplasm, "cell": nucleus + cytoplasm}
-        areas = {region: counted[region] for region in REGIONS}
+        areas = class_areas(stitched.labels[ry0:ry1, rx0:rx1][mine])
         x0, x1, y0, y1 = int(xs.min()) + rx0, int(xs.max()) + rx0, int(ys.min()) + ry0, int(ys.max()) + ry0
         cells.append(Cell(
             id=cell_id, bbox=(x0, y0, x1 - x0 + 1, y1 - y0 + 1),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class Options:
     instances_png: bool = False
     geojson: bool = False
     cell_diameter_px: float | None = None
+    arrays: bool = False  # keep the class and instance masks as arrays (callers that want pixels)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Result:
     overlay_png: bytes | None = None
     instances_png: bytes | None = None
     geojson: dict[str, Any] | None = None
+    labels: np.ndarray | None = None  # (H, W) uint8 class ids, with `Options.arrays`
+    instances: np.ndarray | None = None  # (H, W) uint16 cell ids, with `Options.arrays`
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class Upload:
 
 
 def decode_upload(upload: Upload, limits: DecodeLimits, file_pixel_size: bool = True) -> Decoded:
-    """Check the file's header against `limits`, decode it, and read its recorded pixel size.
+    """Decode the file (its header checked against `limits` first, by `decode_image`) and read its
+    recorded pixel size.
 
     Raises:
         ServiceError: the file was refused or cannot be decoded (`InvalidImageError`, ...).
@@ -104,21 +108,9 @@ def decode_upload(upload: Upload, limits: DecodeLimits, file_pixel_size: bool = 
         return upload.decoded
     if upload.error is not None:
         raise upload.error
-    check_image(upload.data, limits)
     # The decoded Pillow image is dropped as soon as its array exists: both would cost 7 bytes a pixel.
     pixels = np.asarray(decode_image(upload.data, limits))
     return Decoded(pixels, pixel_size_from_file(upload.data) if file_pixel_size else None)
-
-
-def _spend(budget: list[int | None], size: tuple[int, int]) -> None:
-    """Take the file's pixels from the batch's remaining budget, or refuse it."""
-    if budget[0] is None:
-        return
-    width, height = size
-    if width * height > budget[0]:
-        raise ImageTooLargeError(f"The files of this request hold more pixels than the limit of one "
-                                 f"request; this {width}×{height} image is over what is left ({budget[0]}).")
-    budget[0] -= width * height
 
 
 def _checked(infer: Infer, cancelled: Callable[[], bool] | None) -> Infer:
@@ -140,8 +132,7 @@ class Engine:
     Args:
         model: the loaded model.
         limits: what a file may ask of the decoder (`DecodeLimits`), or only its largest pixel count.
-        max_batch_pixels: most pixels of all the files of one `segment_many` call; a file beyond it
-            is refused (413) and the files before it keep their results.
+        max_batch_pixels: most pixels of all the files of one request (`within_pixel_budget`).
     """
 
     def __init__(self, model: Model, limits: DecodeLimits | int,
@@ -188,19 +179,38 @@ class Engine:
                      cancelled: Callable[[], bool] | None = None) -> list[Result | Failure]:
         """Segment files in upload order, each image's cell windows as one model run; a file that fails
         becomes a `Failure` in its place and never stops the others (see `segment` for the arguments)."""
-        budget = [self.max_batch_pixels if len(uploads) > 1 else None]
-        return [self._segment_one(upload, options, _checked(infer or self.infer, cancelled), budget,
-                                  cancelled) for upload in uploads]
+        checked = _checked(infer or self.infer, cancelled)
+        return [self._segment_one(upload, options, checked, cancelled) for upload in uploads]
 
-    def _segment_one(self, upload: Upload, options: Options, infer: Infer, budget: list[int | None],
+    def within_pixel_budget(self, uploads: Sequence[Upload]) -> list[Upload]:
+        """The uploads of one request, those past `max_batch_pixels` (counted from their headers, in
+        upload order) refused with 413; the files before them keep their results. Done once per
+        request before its files are shared out, so that every share draws on one budget."""
+        left = self.max_batch_pixels
+        if left is None or len(uploads) < 2:
+            return list(uploads)
+        kept = []
+        for upload in uploads:
+            if upload.error is None and upload.decoded is None:
+                try:
+                    width, height = check_image(upload.data, self.limits)
+                except ServiceError as exc:
+                    upload = replace(upload, error=exc)
+                else:
+                    if width * height > left:
+                        upload = replace(upload, error=ImageTooLargeError(
+                            f"The files of this request hold more pixels than the limit of one request; "
+                            f"this {width}×{height} image is over what is left ({left})."))
+                    else:
+                        left -= width * height
+            kept.append(upload)
+        return kept
+
+    def _segment_one(self, upload: Upload, options: Options, infer: Infer,
                      cancelled: Callable[[], bool] | None) -> Result | Failure:
         if cancelled is not None and cancelled():
             raise ClientGoneError("The client has gone.")
         try:
-            if upload.error is None and upload.decoded is None:
-                _spend(budget, check_image(upload.data, self.limits))
-            elif upload.decoded is not None:
-                _spend(budget, upload.decoded.pixels.shape[1::-1])
             decoded = decode_upload(upload, self.limits, file_pixel_size=not options.pixel_size_um)
         except ServiceError as exc:
             return Failure(upload.filename, exc)
@@ -221,4 +231,6 @@ class Engine:
                                             [(c.id, c.centroid) for c in cells])
                          if options.overlay_png else None),
             instances_png=encode_instances_png(stitched.instances) if options.instances_png else None,
-            geojson=geojson_document(cells, stitched.instances, stitched.labels) if options.geojson else None)
+            geojson=geojson_document(cells, stitched.instances, stitched.labels) if options.geojson else None,
+            labels=stitched.labels if options.arrays else None,
+            instances=stitched.instances if options.arrays else None)

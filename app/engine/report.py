@@ -32,6 +32,12 @@ CELL_COLUMNS: tuple[str, ...] = (
     "score", "primary")
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal or a one-line log: control characters (newlines, escape sequences)
+    written as escapes (`\\n`, `\\x1b`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def client_filename(name: str | None, default: str = "image") -> str:
     """The base name of an uploaded file as the client named it (browsers may send a full path)."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()

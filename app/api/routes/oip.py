@@ -22,7 +22,6 @@ No `/versions/<v>` paths: the one version served is listed in the model's metada
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 from collections.abc import Callable, Coroutine
@@ -35,7 +34,6 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import RuntimeDep, SettingsDep, StateDep
@@ -295,8 +293,8 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
     data = _input_bytes(request, body[length:], max_file_bytes)
     params = request.parameters or InferParameters()
     outputs = _requested_outputs(request, params.binary_data_output)
-    options = Options(params.pixel_size_um, mask_png="labels" in outputs,
-                      instances_png="instances" in outputs, cell_diameter_px=params.cell_diameter_px)
+    options = Options(params.pixel_size_um, cell_diameter_px=params.cell_diameter_px,
+                      arrays="labels" in outputs or "instances" in outputs)
     return InferCall(request.id, Upload("image", data), options, outputs)
 
 
@@ -371,10 +369,9 @@ def encode_response(result: Result, call: InferCall, meta: ModelMetadata) -> tup
 
 def _output_values(result: Result, name: str) -> np.ndarray | list[str]:
     if name in _DTYPES:
-        png = result.mask_png if name == "labels" else result.instances_png
-        assert png is not None
-        with Image.open(io.BytesIO(png)) as image:
-            return np.asarray(image).astype(_DTYPES[name])
+        values = result.labels if name == "labels" else result.instances
+        assert values is not None
+        return values.astype(_DTYPES[name], copy=False)
     if name == "cells":
         return [json.dumps(cell_document(cell), allow_nan=False) for cell in result.cells]
     summary = {k: v for k, v in result_document(result).items() if k not in ("cells", "filename")}

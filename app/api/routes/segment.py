@@ -155,17 +155,15 @@ async def run_engine(runtime: Runtime, request: Request, upload: Upload,
             infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
             result = await anyio.to_thread.run_sync(runtime.engine.segment, upload, options, infer,
                                                     gone.is_set, limiter=runtime.limiter)
-    runtime.metrics.images.labels("rejected" if isinstance(result, Failure) else "ok").inc()
-    return result
+    return count_images(runtime, [result])[0]
 
 
 async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[Upload],
                               options: Options) -> list[Result | Failure]:
-    """`Engine.segment_many` over the batch, split into one contiguous share per inference worker so that
-    every worker has runs to do; results in upload order."""
-    share = -(-len(uploads) // runtime.batcher.workers)
-    parts = [uploads[i:i + share] for i in range(0, len(uploads), share)]
-    done: list[list[Result | Failure]] = [[] for _ in parts]
+    """`Engine.segment_many` over the batch, its pixel budget drawn once in upload order, split into one
+    contiguous share per inference worker so that every worker has runs to do; results in upload order."""
+    parts: list[list[Upload]] = []
+    done: list[list[Result | Failure]] = []
 
     async def segment_part(index: int, gone: threading.Event) -> None:
         infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
@@ -173,10 +171,19 @@ async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[
                                                      infer, gone.is_set, limiter=runtime.limiter)
 
     with runtime.batcher.admitted():
+        budgeted = await anyio.to_thread.run_sync(runtime.engine.within_pixel_budget, uploads,
+                                                  limiter=runtime.limiter)
+        share = -(-len(budgeted) // runtime.batcher.workers)
+        parts = [budgeted[i:i + share] for i in range(0, len(budgeted), share)]
+        done = [[] for _ in parts]
         async with client_watch(request) as gone, anyio.create_task_group() as group:
             for index in range(len(parts)):
                 group.start_soon(segment_part, index, gone)
-    items = [item for part in done for item in part]
+    return count_images(runtime, [item for part in done for item in part])
+
+
+def count_images(runtime: Runtime, items: list[Result | Failure]) -> list[Result | Failure]:
+    """Count each segmented and each refused file in the metrics; return them."""
     for item in items:
         runtime.metrics.images.labels("rejected" if isinstance(item, Failure) else "ok").inc()
     return items
