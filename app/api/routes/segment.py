@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -137,12 +137,27 @@ async def client_watch(request: Request) -> AsyncIterator[threading.Event]:
             pass
         gone.set()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch)
-        try:
-            yield gone
-        finally:
-            group.cancel_scope.cancel()
+    with first_error():
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            try:
+                yield gone
+            finally:
+                group.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Re-raise the first error of an anyio task group as itself: the group wraps whatever its body raises
+    (a 503 `OverloadedError` from a full queue, say) in an `ExceptionGroup`, which the problem handlers do
+    not know and would turn into a 500."""
+    try:
+        yield
+    except BaseExceptionGroup as errors:
+        leaves = errors.exceptions
+        while len(leaves) == 1 and isinstance(leaves[0], BaseExceptionGroup):
+            leaves = leaves[0].exceptions
+        raise leaves[0] from None
 
 
 async def run_engine(runtime: Runtime, request: Request, upload: Upload,
@@ -176,9 +191,10 @@ async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[
         share = -(-len(budgeted) // runtime.batcher.workers)
         parts = [budgeted[i:i + share] for i in range(0, len(budgeted), share)]
         done = [[] for _ in parts]
-        async with client_watch(request) as gone, anyio.create_task_group() as group:
-            for index in range(len(parts)):
-                group.start_soon(segment_part, index, gone)
+        with first_error():
+            async with client_watch(request) as gone, anyio.create_task_group() as group:
+                for index in range(len(parts)):
+                    group.start_soon(segment_part, index, gone)
     return count_images(runtime, [item for part in done for item in part])
 
 

@@ -46,6 +46,25 @@ def test_a_full_queue_answers_503_with_retry_after(settings_for: Callable[..., S
         assert metric(client, "wbc_inference_rejected_total") == statuses.count(503)
 
 
+def test_a_queue_that_fills_after_admission_still_answers_503(settings_for: Callable[..., Settings],
+                                                               png_bytes: bytes) -> None:
+    # The queue can fill between a request's admission and its inference (other requests' windows
+    # arrive first); the refusal then comes from the engine's worker thread inside the route's task group.
+    with running(settings_for(retry_after_s=4)) as client:
+        batcher = client.app.state.service.runtime.batcher  # type: ignore[attr-defined]
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise batcher._overloaded()
+
+        batcher.infer = refuse
+        single = client.post("/v1/segment", files=upload(png_bytes))
+        batch = client.post("/v1/segment/batch", files=[("files", ("a.png", png_bytes)),
+                                                        ("files", ("b.png", png_bytes))])
+        for response in (single, batch):
+            assert "queue" in problem(response, 503)["detail"]
+            assert response.headers["Retry-After"] == "4"
+
+
 def test_concurrent_requests_are_batched_into_one_run_with_the_same_results(
         settings_for: Callable[..., Settings], png_bytes: bytes) -> None:
     with running(settings_for(max_batch_size=4, max_wait_ms=1000)) as client:
