@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
@@ -18,6 +19,9 @@ from app.api.schemas import BatchResult, SegmentResult
 from app.engine import Failure, Options, Result, Upload
 from app.engine.errors import PayloadTooLargeError, TooManyFilesError
 from app.engine.report import batch_document, batch_zip, client_filename, result_document, safe_stem
+
+if sys.version_info < (3, 11):  # anyio installs the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 router = APIRouter(tags=["segmentation"])
 
