@@ -29,10 +29,11 @@ from app.engine.contract import (
     InputSpec,
     ModelMetadata,
     OutputSpec,
+    StainNormalization,
     sha256_file,
 )
 from model_training.models import build_model, count_parameters
-from model_training.transforms import input_transform
+from model_training.transforms import input_transform, stain_of
 from model_training.triton import write_repository
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,12 @@ def check_parity(model: nn.Module, onnx_path: Path | str, inputs: Sequence[np.nd
     return worst
 
 
-def parity_inputs(input_size: int, images: Sequence[str] = (), seed: int = 0) -> list[np.ndarray]:
+def parity_inputs(input_size: int, images: Sequence[str] = (), seed: int = 0,
+                  stain: StainNormalization | None = None) -> list[np.ndarray]:
     """Random inputs at the model size and at odd sizes, plus real images prepared as the service does."""
     from PIL import Image
 
-    transform = input_transform(input_size)
+    transform = input_transform(input_size, stain)
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((1, 3, input_size, input_size), dtype=np.float32),
               rng.standard_normal((2, 3, 117, 101), dtype=np.float32)]
@@ -131,7 +133,8 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
         schema_version=SCHEMA_VERSION, name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
         parameters=count_parameters(model), file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
         input=InputSpec(name="image", size=(size, size)), output=OutputSpec(name="logits"),
-        normalization=DEFAULT_NORMALIZATION, classes=list(state.get("classes", CLASS_NAMES)),
+        normalization=DEFAULT_NORMALIZATION, stain=stain_of(train_cfg),
+        classes=list(state.get("classes", CLASS_NAMES)),
         training={**train_cfg, "best_epoch": int(state["epoch"]) + 1, "val_mean_dice": float(state["best"]),
                   "val_names": state.get("val_names", [])},
         data=_read_json_arg(cfg.provenance),
@@ -180,7 +183,8 @@ def export(cfg: ExportConfig) -> ModelMetadata:
     onnx_path = out / "model.onnx"
     size = int(state["config"]["input_size"])
     export_onnx(model, onnx_path, size)
-    max_diff = check_parity(model, onnx_path, parity_inputs(size, cfg.check_images))
+    max_diff = check_parity(model, onnx_path,
+                            parity_inputs(size, cfg.check_images, stain=stain_of(state["config"])))
     meta = build_metadata(cfg, state, model, onnx_path, max_diff)
     meta.write(out / "model.json")
     logger.info("exported %s (%d parameters), parity %.2g", onnx_path, meta.parameters, max_diff)

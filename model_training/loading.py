@@ -20,7 +20,7 @@ from app.engine.contract import ModelMetadata, sha256_file
 from app.engine.session import CPU, CUDA, session_options
 from app.engine.transform import InputTransform
 from model_training.export import load_checkpoint
-from model_training.transforms import input_transform
+from model_training.transforms import input_transform, stain_of
 
 
 @dataclass
@@ -125,4 +125,4 @@ def load_model(spec: str, device: torch.device) -> LoadedModel:
             "epoch": int(state["epoch"]) + 1, "sha256": sha}
     size = int(cfg["input_size"])
     return LoadedModel(label or default_label(path), path, "checkpoint", model.to(device), size,
-                       input_transform(size), cfg, state.get("val_names"), info)
+                       input_transform(size, stain_of(cfg)), cfg, state.get("val_names"), info)

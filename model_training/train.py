@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from app.engine.contract import StainNormalization
+from app.engine.stain import reference_statistics
+from app.engine.transform import InputTransform
 from model_training import CLASS_NAMES
 from model_training.data import MaskMap, Sample, load_folders, oversample, parse_oversample, split_samples
 from model_training.losses import DiceCELoss
@@ -27,7 +30,15 @@ from model_training.metrics import REGIONS, region_scores, summarize
 from model_training.models import build_model, count_parameters
 from model_training.predict import predict_labels
 from model_training.synthetic import make_samples
-from model_training.transforms import Augment, AugmentConfig, input_transform, normalize, to_tensor
+from model_training.transforms import (
+    Augment,
+    AugmentConfig,
+    input_transform,
+    normalize,
+    normalize_stain_tensor,
+    stain_of,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +80,8 @@ class TrainConfig:
     init: str | None = None        # checkpoint whose weights start a new run (fine-tuning)
     hed: float = 0.0               # HED stain jitter σ of the augmentation (0 = off)
     freeze_bn: bool = False        # BatchNorm kept in eval mode: running statistics fixed, affine trains
+    stain_norm: bool = False       # Reinhard stain normalisation of every network input (app.engine.stain)
+    stain_reference: dict[str, Any] | None = None  # its reference: the training images' CIELAB statistics
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"base_channels": self.base_channels, "depth": self.depth}
@@ -103,15 +116,18 @@ def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
 
 
 def make_batches(samples: Sequence[Sample], augment: Augment, batch_size: int,
-                 rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented batches `((N, 3, S, S), (N, S, S))`; the last may be short."""
+                 rng: random.Random, stain: StainNormalization | None = None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented batches `((N, 3, S, S), (N, S, S))`; the last may be short. With
+    `stain`, each augmented image is stain-normalised as the engine does to the network's input."""
     order = list(range(len(samples)))
     rng.shuffle(order)
     batches = []
     for start in range(0, len(order), batch_size):
         pairs = [augment(to_tensor(samples[i].image), torch.from_numpy(samples[i].label).long())
                  for i in order[start:start + batch_size]]
-        batches.append((normalize(torch.stack([p[0] for p in pairs])), torch.stack([p[1] for p in pairs])))
+        images = [normalize_stain_tensor(p[0], stain) if stain else p[0] for p in pairs]
+        batches.append((normalize(torch.stack(images)), torch.stack([p[1] for p in pairs])))
     return batches
 
 
@@ -171,10 +187,10 @@ def train_epoch(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
     return total / max(count, 1)
 
 
-def validate(model: nn.Module, samples: Sequence[Sample], input_size: int,
+def validate(model: nn.Module, samples: Sequence[Sample], transform: InputTransform,
              device: torch.device) -> dict[str, float]:
-    """Mean Dice per region over `samples`, scored at each image's original resolution."""
-    transform = input_transform(input_size)
+    """Mean Dice per region over `samples` prepared by `transform`, scored at each image's original
+    resolution."""
     per_image = [region_scores(predict_labels(model, s.image, transform, device), s.label) for s in samples]
     summary = summarize(per_image)
     dice = {region: summary[region]["dice"]["mean"] for region in REGIONS}
@@ -272,6 +288,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = load_data(cfg)
     train_images = len(train_set)
+    if cfg.stain_norm and cfg.stain_reference is None:
+        cfg.stain_reference = reference_statistics(s.image for s in train_set).model_dump()
+    stain = stain_of(asdict(cfg))
+    transform = input_transform(cfg.input_size, stain)
     train_set = oversample(train_set, parse_oversample(cfg.oversample))
     model = build_model(cfg.model, **cfg.model_kwargs()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -283,9 +303,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",
                 cfg.model, count_parameters(model), train_images, len(train_set), len(val_set), device)
-    if cfg.freeze_bn or cfg.hed:
-        logger.info("BatchNorm %s, HED stain jitter %s", "frozen" if cfg.freeze_bn else "training",
-                    f"σ {cfg.hed:g}" if cfg.hed else "off")
+    if cfg.freeze_bn or cfg.hed or stain:
+        logger.info("BatchNorm %s, HED stain jitter %s, stain normalisation %s",
+                    "frozen" if cfg.freeze_bn else "training", f"σ {cfg.hed:g}" if cfg.hed else "off",
+                    f"Reinhard to CIELAB mean {stain.mean} sd {stain.std}" if stain else "off")
     augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed), generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
@@ -298,10 +319,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             group["lr"] = lr
         # Seeded per epoch, so that a resumed run sees the batches an uninterrupted one would have.
         augment.rng.manual_seed(cfg.seed * 100_003 + epoch)
-        batches = make_batches(train_set, augment, cfg.batch_size, random.Random(f"{cfg.seed}:{epoch}"))
+        batches = make_batches(train_set, augment, cfg.batch_size, random.Random(f"{cfg.seed}:{epoch}"),
+                               stain)
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
             loss = train_epoch(model, batches, loss_fn, optimizer, scaler, device, dtype, bar, cfg.freeze_bn)
-        scores = validate(model, val_set, cfg.input_size, device)
+        scores = validate(model, val_set, transform, device)
         improved = scores["mean"] > best
         if improved:
             best, best_epoch, best_scores = scores["mean"], epoch, scores
@@ -345,6 +367,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--hed", type=float, default=defaults.hed,
                    help="HED stain jitter σ (Tellez et al.): gain U(1−σ, 1+σ) and optical-density shift "
                         "U(−σ, σ) per stain; 0 = off, 0.05 = light")
+    p.add_argument("--stain-norm", action="store_true",
+                   help="Reinhard stain normalisation of every network input to the training images' "
+                        "CIELAB statistics (recorded in the checkpoint and model.json; the service applies "
+                        "it too)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNorm in eval mode (running statistics fixed, affine parameters train); "
                         "needed to fine-tune a checkpoint rebuilt by model_training.from_onnx")

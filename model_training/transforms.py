@@ -6,18 +6,34 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.engine.contract import DEFAULT_NORMALIZATION
+from app.engine.contract import DEFAULT_NORMALIZATION, StainNormalization
+from app.engine.stain import normalize_stain
 from app.engine.transform import InputTransform
 
 
-def input_transform(size: int) -> InputTransform:
-    """The engine's preprocessing for a model trained at `size` × `size` with the training normalisation."""
-    return InputTransform.create((size, size), DEFAULT_NORMALIZATION)
+def input_transform(size: int, stain: StainNormalization | None = None) -> InputTransform:
+    """The engine's preprocessing for a model trained at `size` × `size` with the training normalisation
+    (and the run's stain normalisation, if it has one)."""
+    return InputTransform.create((size, size), DEFAULT_NORMALIZATION, stain)
+
+
+def stain_of(train_config: dict[str, Any]) -> StainNormalization | None:
+    """The stain normalisation a run's configuration (a checkpoint's or model.json's) recorded, if any."""
+    reference = train_config.get("stain_reference")
+    return StainNormalization.model_validate(reference) if reference else None
+
+
+def normalize_stain_tensor(x: torch.Tensor, stain: StainNormalization) -> torch.Tensor:
+    """`(3, H, W)` in [0, 1] through the engine's stain normalisation (`app.engine.stain`), as the
+    service applies it to the network's input."""
+    pixels = x.permute(1, 2, 0).numpy() * 255.0
+    return torch.from_numpy(normalize_stain(pixels, stain)).permute(2, 0, 1).div_(255.0)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

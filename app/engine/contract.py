@@ -63,6 +63,23 @@ class Normalization(BaseModel):
         return std
 
 
+class StainNormalization(BaseModel):
+    """Stain normalisation before `Normalization` (`app.engine.stain`): the network's input is moved, per
+    CIELAB channel, to this mean and standard deviation, the reference statistics of the training set."""
+
+    method: Literal["reinhard"] = "reinhard"
+    space: Literal["CIELAB"] = "CIELAB"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(std) <= 0:
+            raise ValueError("std must be positive")
+        return std
+
+
 #: What training normalises with (ImageNet statistics on pixels scaled to [0, 1]); export records it.
 DEFAULT_NORMALIZATION = Normalization(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -83,6 +100,8 @@ class ModelMetadata(BaseModel):
     input: InputSpec
     output: OutputSpec
     normalization: Normalization
+    stain: StainNormalization | None = Field(
+        default=None, description="stain normalisation before `normalization`; null: none")
     classes: list[str]
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)

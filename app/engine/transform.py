@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from app.engine.contract import ModelMetadata, Normalization
+from app.engine.contract import ModelMetadata, Normalization, StainNormalization
+from app.engine.stain import normalize_stain
 
 # The engine's callers run their own threads; OpenCV's pool would compete with onnxruntime's for the cores.
 cv2.setNumThreads(1)
@@ -19,31 +20,40 @@ class InputTransform:
     """RGB image → `(3, h, w)` float32 network input; training, evaluation, calibration and the service
     all prepare images through this one class.
 
-    Bilinear resize (antialiased when shrinking, as Pillow does it) to the model's input size, then
+    Bilinear resize (antialiased when shrinking, as Pillow does it) to the model's input size, then the
+    model's stain normalisation if it has one (`app.engine.stain`, statistics of the resized image), then
     `(pixel * scale - mean) / std` per channel, folded here into one multiply-add.
     """
 
     size: tuple[int, int]  # (height, width)
     gain: np.ndarray  # (3,) scale / std
     offset: np.ndarray  # (3,) -mean / std
+    stain: StainNormalization | None = None
 
     @classmethod
-    def create(cls, size: tuple[int, int], normalization: Normalization) -> InputTransform:
-        """The transform to `size` = (height, width) with `normalization`."""
+    def create(cls, size: tuple[int, int], normalization: Normalization,
+               stain: StainNormalization | None = None) -> InputTransform:
+        """The transform to `size` = (height, width) with `normalization` (after `stain`, if given)."""
         std = np.asarray(normalization.std, np.float32)
         return cls(tuple(size), (normalization.scale / std).astype(np.float32),  # type: ignore[arg-type]
-                   (-np.asarray(normalization.mean, np.float32) / std).astype(np.float32))
+                   (-np.asarray(normalization.mean, np.float32) / std).astype(np.float32), stain)
 
     @classmethod
     def from_metadata(cls, metadata: ModelMetadata) -> InputTransform:
         """The transform that `metadata` describes."""
-        return cls.create(metadata.input.size, metadata.normalization)
+        return cls.create(metadata.input.size, metadata.normalization, metadata.stain)
 
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """`(3, h, w)` float32 for a Pillow RGB image or an `(H, W, 3)` uint8 array."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
-        return self.normalize(self.resize(image))
+        return self.normalize(self.normalize_stain(self.resize(image)))
+
+    def normalize_stain(self, planes: np.ndarray) -> np.ndarray:
+        """`(3, h, w)` pixel values (0–255) after the model's stain normalisation (unchanged without)."""
+        if self.stain is None:
+            return planes
+        return normalize_stain(planes.transpose(1, 2, 0), self.stain).transpose(2, 0, 1)
 
     def normalize(self, planes: np.ndarray) -> np.ndarray:
         """`(3, h, w)` pixel values (0–255) → normalised float32 network input."""

@@ -1,0 +1,58 @@
+"""Stain normalisation at inference (Reinhard et al. 2001, "Color transfer between images"): each image
+the network sees is shifted and scaled, channel by channel in CIELAB, to the mean and standard deviation
+of a reference taken from the training set, so that a lab whose stain is paler, bluer or redder reaches
+the network closer to the colours it was trained on.
+
+The statistics are taken over the network's input (the model-sized window of one cell), the same way in
+training, evaluation and the service: a window holds one leukocyte and its neighbourhood, as the training
+crops do, so its statistics compare like with like. CIELAB is OpenCV's for float RGB in [0, 1] (L in
+0–100, a and b about ±128), within 0.15 of scikit-image's `rgb2lab`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+
+from app.engine.contract import StainNormalization
+
+#: A channel this flat has no spread to scale; it is only shifted.
+_MIN_STD = 1e-3
+
+
+def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel CIELAB mean and standard deviation `((3,), (3,))` of `(H, W, 3)` RGB (0–255)."""
+    lab = _to_lab(pixels).reshape(-1, 3)
+    return lab.mean(axis=0, dtype=np.float64), lab.std(axis=0, dtype=np.float64)
+
+
+def reference_statistics(images: Iterable[np.ndarray]) -> StainNormalization:
+    """The reference of a training set: the mean over its images of each image's CIELAB mean and
+    standard deviation (every image counts once, whatever its size)."""
+    stats = [lab_statistics(image) for image in images]
+    if not stats:
+        raise ValueError("no images to take stain statistics from")
+    means = np.mean([m for m, _ in stats], axis=0)
+    stds = np.mean([s for _, s in stats], axis=0)
+    return StainNormalization(method="reinhard", mean=tuple(map(float, means)),  # type: ignore[arg-type]
+                              std=tuple(map(float, stds)))  # type: ignore[arg-type]
+
+
+def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.ndarray:
+    """`(H, W, 3)` RGB (0–255, any dtype) with its CIELAB statistics moved to `reference`'s; float32
+    0–255, clipped to the displayable range."""
+    lab = _to_lab(pixels)
+    flat = lab.reshape(-1, 3)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    gain = np.where(std > _MIN_STD, np.asarray(reference.std, np.float32) / np.maximum(std, _MIN_STD), 1.0)
+    lab = (lab - mean) * gain.astype(np.float32) + np.asarray(reference.mean, np.float32)
+    lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+    rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0, 0.0, 255.0).astype(np.float32)
+
+
+def _to_lab(pixels: np.ndarray) -> np.ndarray:
+    rgb = np.ascontiguousarray(pixels, dtype=np.float32) / 255.0
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
