@@ -30,7 +30,8 @@ def fmt(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     # (source, recipe, side) → seed → Dice per region
@@ -46,7 +47,8 @@ def main() -> None:
     for source in ("dataset1", "dataset2"):
         other = "dataset2" if source == "dataset1" else "dataset1"
         for recipe, label in RECIPES.items():
-            cross, within = scores.get((source, recipe, "cross"), {}), scores.get((source, recipe, "in"), {})
+            cross = scores.get((source, recipe, "cross"), {})
+            within = scores.get((source, recipe, "in"), {})
             seeds = sorted(set(cross) & set(within))
             if not seeds:
                 continue

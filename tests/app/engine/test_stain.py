@@ -19,7 +19,8 @@ from app.engine.transform import InputTransform
 REFERENCE = StainNormalization(mean=(70.0, 12.0, -8.0), std=(14.0, 9.0, 7.0))
 
 
-def restain(image: np.ndarray, gain: tuple[float, float, float], shift: tuple[float, float, float]) -> np.ndarray:
+def restain(image: np.ndarray, gain: tuple[float, float, float],
+            shift: tuple[float, float, float]) -> np.ndarray:
     """`image` as another lab's stain might show it: each CIELAB channel scaled and shifted."""
     lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
     lab = (lab - lab.mean((0, 1))) * np.float32(gain) + lab.mean((0, 1)) + np.float32(shift)
@@ -72,8 +73,9 @@ def test_metadata_switches_stain_normalisation_on_in_the_transform(tiny_model_di
     assert meta.stain == REFERENCE
     image = sample_rgb(90, 70, seed=5)
     with_stain = InputTransform.from_metadata(meta)
+    resized = with_stain.resize(Image.fromarray(image)).transpose(1, 2, 0)
     expected = InputTransform.create(meta.input.size, DEFAULT_NORMALIZATION).normalize(
-        normalize_stain(with_stain.resize(Image.fromarray(image)).transpose(1, 2, 0), REFERENCE).transpose(2, 0, 1))
+        normalize_stain(resized, REFERENCE).transpose(2, 0, 1))
     assert np.allclose(with_stain(image), expected, atol=1e-5)
     assert not np.allclose(InputTransform.from_metadata(plain)(image), expected, atol=0.05)
 
