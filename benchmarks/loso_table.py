@@ -52,7 +52,8 @@ def main() -> None:
             seeds = sorted(set(cross) & set(within))
             if not seeds:
                 continue
-            cells = [" / ".join(fmt([side[s][r] for s in seeds]) for r in REGIONS) for side in (cross, within)]
+            cells = [" / ".join(fmt([side[s][r] for s in seeds]) for r in REGIONS)
+                     for side in (cross, within)]
             base_cross, base_in = scores.get((source, "a", "cross"), {}), scores.get((source, "a", "in"), {})
             paired = [s for s in seeds if s in base_cross and s in base_in]
             delta = "—"
