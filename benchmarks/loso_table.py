@@ -7,6 +7,7 @@ and in-source, mean ± sd over seeds, each recipe against today's (a).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -15,7 +16,8 @@ from pathlib import Path
 
 RECIPES = {"a": "today's", "b": "HED σ 0.2", "c": "Reinhard", "d": "HED σ 0.2 + Reinhard"}
 REGIONS = ("nucleus", "cytoplasm", "cell")
-RUN = re.compile(r"^(dataset[12])-([a-d])-s(\d+)-(cross|in)$")
+RUN = re.compile(r"^(dataset[12])-([a-d])(?:-(unet))?-s(\d+)-(cross|in)$")
+MODELS = {"attention_unet": "attention U-Net", "unet": "plain U-Net"}
 
 
 def dice(report: Path) -> dict[str, float]:
@@ -34,34 +36,36 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
-    # (source, recipe, side) → seed → Dice per region
-    scores: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(dict)
+    # (source, recipe, model, side) → seed → Dice per region
+    scores: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = defaultdict(dict)
     for report in sorted(args.folder.glob("*/report.json")):
         match = RUN.match(report.parent.name)
         if match:
-            source, recipe, seed, side = match.groups()
-            scores[(source, recipe, side)][int(seed)] = dice(report)
-    print("| trained on → scored on | recipe | seeds | cross: nucleus / cytoplasm / cell | in: nucleus / "
-          "cytoplasm / cell | cytoplasm vs a: cross / in |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for source in ("dataset1", "dataset2"):
+            source, recipe, model, seed, side = match.groups()
+            scores[(source, recipe, model or "attention_unet", side)][int(seed)] = dice(report)
+    print("| trained on → scored on | model | recipe | seeds | cross: nucleus / cytoplasm / cell | in: "
+          "nucleus / cytoplasm / cell | cytoplasm vs a: cross / in |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for source, model, (recipe, label) in itertools.product(("dataset1", "dataset2"), MODELS,
+                                                              RECIPES.items()):
         other = "dataset2" if source == "dataset1" else "dataset1"
-        for recipe, label in RECIPES.items():
-            cross = scores.get((source, recipe, "cross"), {})
-            within = scores.get((source, recipe, "in"), {})
-            seeds = sorted(set(cross) & set(within))
-            if not seeds:
-                continue
-            cells = [" / ".join(fmt([side[s][r] for s in seeds]) for r in REGIONS)
-                     for side in (cross, within)]
-            base_cross, base_in = scores.get((source, "a", "cross"), {}), scores.get((source, "a", "in"), {})
-            paired = [s for s in seeds if s in base_cross and s in base_in]
-            delta = "—"
-            if recipe != "a" and paired:
-                d_cross = [cross[s]["cytoplasm"] - base_cross[s]["cytoplasm"] for s in paired]
-                d_in = [within[s]["cytoplasm"] - base_in[s]["cytoplasm"] for s in paired]
-                delta = f"{statistics.mean(d_cross):+.1f} / {statistics.mean(d_in):+.1f} (seeds {paired})"
-            print(f"| {source} → {other} | {label} | {len(seeds)} | {cells[0]} | {cells[1]} | {delta} |")
+        cross = scores.get((source, recipe, model, "cross"), {})
+        within = scores.get((source, recipe, model, "in"), {})
+        seeds = sorted(set(cross) & set(within))
+        if not seeds:
+            continue
+        cells = [" / ".join(fmt([side[s][r] for s in seeds]) for r in REGIONS)
+                 for side in (cross, within)]
+        base_cross = scores.get((source, "a", model, "cross"), {})
+        base_in = scores.get((source, "a", model, "in"), {})
+        paired = [s for s in seeds if s in base_cross and s in base_in]
+        delta = "—"
+        if recipe != "a" and paired:
+            d_cross = [cross[s]["cytoplasm"] - base_cross[s]["cytoplasm"] for s in paired]
+            d_in = [within[s]["cytoplasm"] - base_in[s]["cytoplasm"] for s in paired]
+            delta = f"{statistics.mean(d_cross):+.1f} / {statistics.mean(d_in):+.1f} (seeds {paired})"
+        print(f"| {source} → {other} | {MODELS[model]} | {label} | {len(seeds)} | {cells[0]} | {cells[1]} "
+              f"| {delta} |")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ def _analyse(rgb: np.ndarray, scale: float, hint: float | None):
         radius: float | None = hint * scale / (2 * _WBC_PER_RBC_RADIUS)
     else:
         radius = _red_cell_radius(od, nucleus)
+    if nucleus.any():
+        nucleus = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
     return od, nucleus, radius
 
 
@@ -189,6 +191,44 @@ def _nucleus_mask(od: np.ndarray) -> np.ndarray:
         return np.zeros(feature.shape, bool)  # no stained spot stands out (blank or flat image)
     threshold = max(_FEATURE_FLOOR, _otsu(feature[feature > _FEATURE_FLOOR / 2], 3.0))
     mask = cv2.morphologyEx((feature > threshold).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    return mask.astype(bool)
+
+
+_BASELINE_WINDOW = 5  # the local baseline is a median over BASELINE_WINDOW x BASELINE_WINDOW blocks of s
+_BASELINE_PERCENTILE = 50
+_PEAK_SHARE = 0.5  # a fainter object's own threshold: this share of its own peak contrast
+
+
+def _local_contrast(feature: np.ndarray, radius: float) -> np.ndarray:
+    """Nucleus feature minus its local baseline: the median, over a window of a few red-cell sizes, of
+    block means (blocks of one red-cell radius), so the level of the surrounding background and red cells
+    (which shifts with the white point and stain of that part of the image) reads 0."""
+    height, width = feature.shape
+    block = max(2.0, radius)
+    grid = (max(1, round(width / block)), max(1, round(height / block)))
+    means = cv2.resize(feature.astype(np.float32), grid, interpolation=cv2.INTER_AREA)
+    k = _BASELINE_WINDOW
+    padded = cv2.copyMakeBorder(means, k // 2, k // 2, k // 2, k // 2, cv2.BORDER_REFLECT)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k))
+    baseline = np.percentile(windows.reshape(grid[1], grid[0], -1), _BASELINE_PERCENTILE, axis=2).astype(np.float32)
+    return feature - cv2.resize(baseline, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _local_nucleus_mask(od: np.ndarray, radius: float) -> np.ndarray:
+    """Nucleus mask with a threshold per stained object (see the module docstring)."""
+    contrast = _local_contrast(_nucleus_feature(od), radius)
+    low = cv2.morphologyEx((contrast > _FEATURE_FLOOR).astype(np.uint8), cv2.MORPH_OPEN,
+                           np.ones((3, 3), np.uint8))
+    count, labels = cv2.connectedComponents(low, connectivity=8)
+    if count <= 1:
+        return low.astype(bool)
+    threshold = max(_FEATURE_FLOOR, _otsu(contrast[contrast > _FEATURE_FLOOR / 2], 3.0))
+    smooth = cv2.blur(contrast, (3, 3))
+    peaks = np.full(count, -np.inf, np.float32)
+    np.maximum.at(peaks, labels[low > 0], smooth[low > 0])
+    own = np.maximum(_FEATURE_FLOOR, np.minimum(threshold, _PEAK_SHARE * peaks))
+    mask = (low > 0) & (contrast > own[labels])
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     return mask.astype(bool)
 
 
