@@ -142,6 +142,16 @@ class NormalizationInfo(BaseModel):
     std: list[float]
 
 
+class StainInfo(BaseModel):
+    """Stain normalisation before `normalization`: each network input moved, per CIELAB channel, to this
+    mean and standard deviation (Reinhard)."""
+
+    method: str
+    space: str
+    mean: list[float]
+    std: list[float]
+
+
 class ModelInfo(BaseModel):
     """The model being served, from its metadata, and the execution providers in use."""
 
@@ -154,6 +164,8 @@ class ModelInfo(BaseModel):
     classes: list[str] = Field(description="Class names in the order of the API's class ids")
     input: InputInfo
     normalization: NormalizationInfo
+    stain_normalization: StainInfo | None = Field(
+        default=None, description="stain normalisation the engine applies first; null: none")
     sha256: str
     opset: int
     file: str = Field(description="The model file served: model.int8.onnx on the CPU when its gate passed")

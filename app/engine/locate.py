@@ -10,6 +10,18 @@ size). The steps, on a downscaled copy:
    gives nothing), cleaned by a small opening;
 2. scale: the red-cell radius, from the distance transform of the stained, hole-filled non-nucleus
    mask (or from ``cell_diameter_px`` when given, or from the nuclei themselves when no red cells show);
+   then nuclei that the global threshold missed are added from a mask with a threshold per stained
+   object (below), so that leukocytes stained unequally in one image (a pale one beside a dark one, or
+   mosaics of crops from several slides) are all kept, where one global threshold sits above the paler
+   nuclei; an object the global mask already mostly holds keeps its global outline:
+   a. local contrast: the feature minus its local baseline, the median of block means (blocks of one
+      red-cell radius) over 7 x 7 blocks, i.e. about three red-cell diameters, so that the surrounding
+      red cells and background read 0 wherever the white point or stain drifts; a leukocyte covers
+      well under half of such a window;
+   b. objects: connected pixels of contrast above the floor;
+   c. each object's own threshold is the global Otsu threshold of the contrast, lowered to half the
+      object's own peak contrast when that is lower (a faint nucleus is cut at half its height, as a
+      strong one is cut well below its), never below the floor;
 3. lobes closer than a fraction of that scale, or of their own size, form one cell (neutrophils);
 4. groups smaller than a fraction of a red cell (platelets, debris) are dropped;
 5. the cell box is the nucleus box grown by a margin relative to the scale, and not smaller than a
@@ -157,7 +169,8 @@ def _analyse(rgb: np.ndarray, scale: float, hint: float | None):
     else:
         radius = _red_cell_radius(od, nucleus)
     if nucleus.any():
-        nucleus = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
+        local = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
+        nucleus = nucleus | _missed_objects(local, nucleus)
     return od, nucleus, radius
 
 
@@ -194,8 +207,7 @@ def _nucleus_mask(od: np.ndarray) -> np.ndarray:
     return mask.astype(bool)
 
 
-_BASELINE_WINDOW = 5  # the local baseline is a median over BASELINE_WINDOW x BASELINE_WINDOW blocks of s
-_BASELINE_PERCENTILE = 50
+_BASELINE_WINDOW = 7  # the local baseline: median over this many x this many blocks of side s
 _PEAK_SHARE = 0.5  # a fainter object's own threshold: this share of its own peak contrast
 
 
@@ -210,7 +222,7 @@ def _local_contrast(feature: np.ndarray, radius: float) -> np.ndarray:
     k = _BASELINE_WINDOW
     padded = cv2.copyMakeBorder(means, k // 2, k // 2, k // 2, k // 2, cv2.BORDER_REFLECT)
     windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k))
-    baseline = np.percentile(windows.reshape(grid[1], grid[0], -1), _BASELINE_PERCENTILE, axis=2).astype(np.float32)
+    baseline = np.median(windows.reshape(grid[1], grid[0], -1), axis=2).astype(np.float32)
     return feature - cv2.resize(baseline, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -225,11 +237,26 @@ def _local_nucleus_mask(od: np.ndarray, radius: float) -> np.ndarray:
     threshold = max(_FEATURE_FLOOR, _otsu(contrast[contrast > _FEATURE_FLOOR / 2], 3.0))
     smooth = cv2.blur(contrast, (3, 3))
     peaks = np.full(count, -np.inf, np.float32)
-    np.maximum.at(peaks, labels[low > 0], smooth[low > 0])
+    inside = low > 0
+    np.maximum.at(peaks, labels[inside].astype(np.intp), smooth[inside])
     own = np.maximum(_FEATURE_FLOOR, np.minimum(threshold, _PEAK_SHARE * peaks))
-    mask = (low > 0) & (contrast > own[labels])
+    mask = inside & (contrast > own[labels])
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     return mask.astype(bool)
+
+
+def _missed_objects(local: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
+    """The objects of the local mask that the global one mostly missed (less than half of their pixels):
+    the fainter nuclei. Where the global threshold already holds a nucleus it stays as it is: in a crop
+    that a leukocyte fills, the local baseline is the cell itself and would cut its nucleus into specks."""
+    count, labels = cv2.connectedComponents(local.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros(local.shape, bool)
+    sizes = np.bincount(labels.ravel(), minlength=count)
+    covered = np.bincount(labels[nucleus], minlength=count)
+    keep = covered < 0.5 * sizes
+    keep[0] = False
+    return keep[labels]
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -132,3 +132,54 @@ def test_rejects_non_rgb_input():
         find_leukocytes(np.zeros((64, 64), np.uint8))
     with pytest.raises(ValueError):
         find_leukocytes(np.zeros((64, 64, 3), np.float32))
+
+
+def _restain(image: np.ndarray, region: np.ndarray, factor: float) -> np.ndarray:
+    """`image` with the optical density (relative to the field's background) of `region` times `factor`:
+    a nucleus stained `factor` times as strongly."""
+    white = np.array(FIELD_COLOURS["background"], np.float32) + 1.0
+    od = np.log(white / (image.astype(np.float32) + 1.0))
+    od[region] *= factor
+    return np.clip(white * np.exp(-od) - 1.0, 0, 255).round().astype(np.uint8)
+
+
+def _two_stains_field(strong: float, faint: float, seed: int = 0) -> np.ndarray:
+    """Two round-nucleus leukocytes on one field, the first stained `strong`, the second `faint` times
+    as strongly as usual."""
+    cells = [(170, 160, 38, [(170, 160, 22)]), (470, 300, 38, [(470, 300, 22)])]
+    image, labels, instances = synthetic_field(cells, (480, 640), seed, 28, 4, RBC_RADIUS)
+    image = _restain(image, (labels == 2) & (instances == 1), strong)
+    return _restain(image, (labels == 2) & (instances == 2), faint)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_strongly_and_faintly_stained_leukocytes_are_both_found(seed):
+    # One global threshold sits between the two nuclei's stain; each object's own threshold does not.
+    image = _two_stains_field(strong=2.5, faint=0.4, seed=seed)
+    found = find_leukocytes(image)
+    assert len(found) == 2, found
+    for cx, cy in ((170, 160), (470, 300)):
+        assert max(iou(c, cell_box(cx, cy, 38, image.shape)) for c in found) >= 0.5
+
+
+def test_faint_leukocyte_beside_a_differently_balanced_one():
+    # Two fields side by side, the right one photographed with a bluer white balance and a fainter stain
+    # (as tiles of a mosaic): both leukocytes are found, nothing else.
+    left = make_field([(160, 240, 38, [(160, 240, 22)])], size=(480, 320), seed=4)
+    right = make_field([(160, 240, 38, [(160, 240, 22)])], size=(480, 320), seed=5)
+    white = np.array(FIELD_COLOURS["background"], np.float32) + 1.0
+    od = np.log(white / (right.astype(np.float32) + 1.0)) * 0.45
+    right = np.clip(white * np.exp(-od) * np.array([0.85, 0.95, 1.15]) - 1.0, 0, 255).astype(np.uint8)
+    image = np.hstack([left, right])
+    found = find_leukocytes(image)
+    assert len(found) == 2, found
+    for cx in (160, 480):
+        assert max(iou(c, cell_box(cx, 240, 38, image.shape)) for c in found) >= 0.5
+
+
+def test_lone_platelet_clump_gives_nothing():
+    # A few platelets heaped into one dark blob, much smaller than a nucleus, on a field without leukocyte.
+    image = make_field([], seed=2, red_cells=30, platelets=0)
+    for dx, dy in ((0, 0), (6, 2), (2, 7), (-5, 4), (3, -5)):
+        cv2.circle(image, (320 + dx, 240 + dy), 5, (95, 60, 160), -1)
+    assert find_leukocytes(cv2.GaussianBlur(image, (3, 3), 0.8)) == []
