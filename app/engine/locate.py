@@ -88,6 +88,12 @@ def find_leukocytes(rgb: np.ndarray, cell_diameter_px: float | None = None) -> l
     height, width = rgb.shape[:2]
     if max(height, width) <= _TILE or cell_diameter_px:
         return detect(rgb, cell_diameter_px, Params())
+    # A large image of large cells (a high-resolution camera, a strong objective) needs no tiles: its red
+    # cells are wide enough in the whole image's working copy, and a leukocyte wider than the tiles'
+    # overlap would be cut by every tile.
+    analysed = _analyse(rgb, _initial_scale(height, width, None), None)
+    if analysed[2] is not None and analysed[2] >= _MIN_WORK_RADIUS:
+        return detect(rgb, None, Params(), analysed)
     return _find_in_tiles(rgb)
 
 
@@ -126,8 +132,10 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return ix * iy / max(1, min(a[2] * a[3], b[2] * b[3]))
 
 
-def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params) -> list[Candidate]:
-    """`find_leukocytes` with explicit rules (used by the benchmark to compare variants)."""
+def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params,
+           analysed: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> list[Candidate]:
+    """`find_leukocytes` with explicit rules (used by the benchmark to compare variants); `analysed`:
+    `_analyse`'s result at the initial scale without a hint, when the caller has it already."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
@@ -135,7 +143,7 @@ def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params) -> l
         return []
     hint = cell_diameter_px if cell_diameter_px and cell_diameter_px > 0 else None
     scale = _initial_scale(height, width, hint)
-    od, nucleus, radius = _analyse(rgb, scale, hint)
+    od, nucleus, radius = analysed if analysed is not None and hint is None else _analyse(rgb, scale, hint)
     if hint is None and radius is not None and radius < _MIN_WORK_RADIUS and scale < 1.0:
         scale = min(1.0, scale * _MIN_WORK_RADIUS * 1.5 / radius)
         od, nucleus, radius = _analyse(rgb, scale, hint)

@@ -127,6 +127,20 @@ def test_large_image_is_processed_quickly():
     assert len(found) == 3
 
 
+def test_large_image_of_large_cells_finds_cells_wider_than_the_tile_overlap():
+    # A field from a high-resolution camera: cells about 600 px across, wider than the tiles' overlap,
+    # so that no tile would hold some of them whole.
+    small = three_cell_field()
+    factor = 8
+    image = cv2.resize(small, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+    expected = sorted(c.bbox for c in find_leukocytes(small))
+    found = sorted(c.bbox for c in find_leukocytes(image))
+    assert len(found) == len(expected) == 3
+    for (x, y, w, h), box in zip(expected, found, strict=True):
+        scaled = (x * factor, y * factor, (x + w) * factor, (y + h) * factor)
+        assert iou(Candidate(box, 0.0, 0, False), scaled) >= 0.7
+
+
 def test_rejects_non_rgb_input():
     with pytest.raises(ValueError):
         find_leukocytes(np.zeros((64, 64), np.uint8))
