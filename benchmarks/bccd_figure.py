@@ -3,7 +3,7 @@ comes from; boxes only, no masks): the engine's overlay (nucleus, cytoplasm, num
 the expert leukocyte boxes drawn in yellow, for people to look at.
 
     .venv/bin/python benchmarks/bccd_figure.py [--model weights/model.onnx] [--count 8] \
-        [--out docs/figures/bccd-overlays.png]
+        [--out docs/figures/bccd-overlays.jpg]
 
 Fields: every 4th BCCD image by sorted name (the validation split of docs/cells.md), evenly spaced
 through it. BCCD: MIT licence (github.com/Shenggan/BCCD_Dataset); the figure shows a few downscaled fields.
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("weights/model.onnx"))
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--columns", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("docs/figures/bccd-overlays.png"))
+    parser.add_argument("--out", type=Path, default=Path("docs/figures/bccd-overlays.jpg"))
     args = parser.parse_args()
     cv2.setNumThreads(1)
     engine = Engine.open(ModelConfig(args.model, device="cpu", intra_op_threads=1, inference_workers=1),
@@ -65,7 +65,8 @@ def main() -> None:
         panels.append(np.full_like(panels[0], 255))
     rows = [np.hstack(panels[i:i + args.columns]) for i in range(0, len(panels), args.columns)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(args.out), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
+    figure = cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(args.out), figure, [cv2.IMWRITE_JPEG_QUALITY, 88])
     print(f"{args.out}: {', '.join(names)}")
 
 
