@@ -70,7 +70,7 @@ def test_a_field_gives_each_leukocyte_its_own_id_box_and_border_flag(engine: Eng
             # The cut cell: the shipped model (2.0, stain-normalised windows) keeps its nucleus but little
             # of the generated cytoplasm, whose colours lie far from any lab's once half the window is the
             # mirrored cell (MODEL_CARD.md, limitations); its box must still hold the drawn nucleus.
-            x, y, w, h = best.bbox
+            x, y, _, h = best.bbox
             cx, cy = CUT[3][0][:2]
             assert box_iou(best.bbox, drawn) > 0.25 and x <= cx - 15 and y <= cy - 15 and y + h >= cy + 15
     for cell in result.cells:
