@@ -24,8 +24,8 @@ _MIN_STD = 1e-3
 
 def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel CIELAB mean and standard deviation `((3,), (3,))` of `(H, W, 3)` RGB (0–255)."""
-    lab = _to_lab(pixels).reshape(-1, 3)
-    return lab.mean(axis=0, dtype=np.float64), lab.std(axis=0, dtype=np.float64)
+    mean, std = cv2.meanStdDev(_to_lab(pixels))
+    return mean.reshape(3), std.reshape(3)
 
 
 def reference_statistics(images: Iterable[np.ndarray]) -> StainNormalization:
@@ -44,13 +44,15 @@ def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.nda
     """`(H, W, 3)` RGB (0–255, any dtype) with its CIELAB statistics moved to `reference`'s; float32
     0–255, clipped to the displayable range."""
     lab = _to_lab(pixels)
-    flat = lab.reshape(-1, 3)
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
-    gain = np.where(std > _MIN_STD, np.asarray(reference.std, np.float32) / np.maximum(std, _MIN_STD), 1.0)
-    lab = (lab - mean) * gain.astype(np.float32) + np.asarray(reference.mean, np.float32)
-    lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+    mean, std = (v.reshape(3) for v in cv2.meanStdDev(lab))
+    gain = np.where(std > _MIN_STD, np.asarray(reference.std) / np.maximum(std, _MIN_STD), 1.0)
+    offset = np.asarray(reference.mean) - mean * gain
+    lab *= gain.astype(np.float32)
+    lab += offset.astype(np.float32)
+    np.clip(lab[..., 0], 0.0, 100.0, out=lab[..., 0])
     rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-    return np.clip(rgb * 255.0, 0.0, 255.0).astype(np.float32)
+    rgb *= 255.0
+    return np.clip(rgb, 0.0, 255.0, out=rgb)
 
 
 def _to_lab(pixels: np.ndarray) -> np.ndarray:
