@@ -50,8 +50,8 @@ def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.nda
     lab *= gain.astype(np.float32)
     lab += offset.astype(np.float32)
     np.clip(lab[..., 0], 0.0, 100.0, out=lab[..., 0])
-    rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-    rgb *= 255.0
+    rgb: np.ndarray = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32, copy=False)
+    np.multiply(rgb, np.float32(255.0), out=rgb)
     return np.clip(rgb, 0.0, 255.0, out=rgb)
 
 
