@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.engine.errors import ModelLoadError
 
@@ -48,19 +48,22 @@ class OutputSpec(BaseModel):
     layout: Literal["NCHW"] = "NCHW"
 
 
+def _positive(std: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(std) <= 0:
+        raise ValueError("std must be positive")
+    return std
+
+
+#: Three standard deviations, each above zero.
+PositiveStd = Annotated[tuple[float, float, float], AfterValidator(_positive)]
+
+
 class Normalization(BaseModel):
     """`x = (pixel * scale - mean) / std` per channel, in RGB order."""
 
     scale: float = Field(gt=0)
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @field_validator("std")
-    @classmethod
-    def _nonzero(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(std) <= 0:
-            raise ValueError("std must be positive")
-        return std
+    std: PositiveStd
 
 
 class StainNormalization(BaseModel):
@@ -70,14 +73,7 @@ class StainNormalization(BaseModel):
     method: Literal["reinhard"] = "reinhard"
     space: Literal["CIELAB"] = "CIELAB"
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(std) <= 0:
-            raise ValueError("std must be positive")
-        return std
+    std: PositiveStd
 
 
 #: What training normalises with (ImageNet statistics on pixels scaled to [0, 1]); export records it.
