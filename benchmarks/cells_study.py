@@ -180,9 +180,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int((a & b).sum()) / total if total else 1.0
 
 
-def mosaic_check(engine: Engine, entries: list[str], balance: bool = False) -> dict:
-    """One 4x4 mosaic of 16 crops: crops found, extra cells, cell and nucleus Dice of matched cells;
-    and, for reference, the same tiles each segmented alone (128x128)."""
+def mosaic(entries: list[str], balance: bool = False):
+    """A 4x4 mosaic of 16 crops: (image, its mask, the tiles, their masks, each crop's cell box (x0, y0,
+    x1, y1) in the mosaic)."""
     tiles, masks = zip(*(zheng_tile(e, balance) for e in entries), strict=True)
     image = np.vstack([np.hstack(tiles[r * 4:(r + 1) * 4]) for r in range(4)])
     truth_mask = np.vstack([np.hstack(masks[r * 4:(r + 1) * 4]) for r in range(4)])
@@ -191,6 +191,13 @@ def mosaic_check(engine: Engine, entries: list[str], balance: bool = False) -> d
         ys, xs = np.nonzero(masks[k] > 64)
         ox, oy = TILE * (k % 4), TILE * (k // 4)
         truth.append((xs.min() + ox, ys.min() + oy, xs.max() + 1 + ox, ys.max() + 1 + oy))
+    return image, truth_mask, tiles, masks, truth
+
+
+def mosaic_check(engine: Engine, entries: list[str], balance: bool = False) -> dict:
+    """One 4x4 mosaic of 16 crops: crops found, extra cells, cell and nucleus Dice of matched cells;
+    and, for reference, the same tiles each segmented alone (128x128)."""
+    image, truth_mask, tiles, masks, truth = mosaic(entries, balance)
     result, instances, labels, _ = segment(engine, "mosaic.png", png_bytes(image))
     found = [cell_corners(c) for c in result.cells]
     matched, extra, missed = match(found, truth)

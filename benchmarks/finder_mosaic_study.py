@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import locate
-from benchmarks.cells_study import TILE, zheng_tile, zheng_val_names
+from benchmarks.cells_study import mosaic, zheng_val_names
 from benchmarks.finder_study import BCCD, corners, free_strip, load_bccd, match, read_rgb
 
 cv2.setNumThreads(1)
@@ -56,13 +56,7 @@ def mosaics(finder: ModuleType) -> list[tuple[str, int, int, list[str]]]:
         names = zheng_val_names(order)
         for m in range(len(names) // 16):
             entries = names[16 * m:16 * (m + 1)]
-            tiles, masks = zip(*(zheng_tile(e) for e in entries), strict=True)
-            image = np.vstack([np.hstack(tiles[r * 4:(r + 1) * 4]) for r in range(4)])
-            truth = []
-            for k in range(16):
-                ys, xs = np.nonzero(masks[k] > 64)
-                ox, oy = TILE * (k % 4), TILE * (k // 4)
-                truth.append((xs.min() + ox, ys.min() + oy, xs.max() + 1 + ox, ys.max() + 1 + oy))
+            image, _, _, _, truth = mosaic(entries)
             found = [corners(c) for c in finder.find_leukocytes(image)]
             matched, _, missed = match(found, truth)
             rows.append((f"{order} {m + 1}", len(matched), len(found), [entries[j] for j in missed]))
