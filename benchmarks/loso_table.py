@@ -67,6 +67,40 @@ def main() -> None:
         print(f"| {source} → {other} | {MODELS[model]} | {label} | {len(seeds)} | {cells[0]} | {cells[1]} "
               f"| {delta} |")
 
+    attention_vs_plain(scores)
+
+
+def welch_t(a: list[float], b: list[float]) -> float:
+    """Welch's t of mean(a) − mean(b); nan below two values a side."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return (statistics.mean(a) - statistics.mean(b)) / se if se else float("nan")
+
+
+def attention_vs_plain(scores: dict[tuple[str, str, str, str], dict[int, dict[str, float]]]) -> None:
+    """Attention minus plain U-Net, each recipe both were trained with: Dice difference of the means over
+    seeds and Welch's t, per region, cross-source and in-source."""
+    rows = []
+    for source, recipe, side in itertools.product(("dataset1", "dataset2"), RECIPES, ("cross", "in")):
+        attention = scores.get((source, recipe, "attention_unet", side), {})
+        plain = scores.get((source, recipe, "unet", side), {})
+        if len(attention) < 2 or len(plain) < 2:
+            continue
+        cells = []
+        for region in REGIONS:
+            a = [attention[s][region] for s in sorted(attention)]
+            b = [plain[s][region] for s in sorted(plain)]
+            cells.append(f"{statistics.mean(a) - statistics.mean(b):+.1f} (t {welch_t(a, b):+.2f})")
+        rows.append(f"| {source} | {RECIPES[recipe]} | {side} | {len(attention)} / {len(plain)} | "
+                    + " | ".join(cells) + " |")
+    if rows:
+        print("\nAttention U-Net minus plain U-Net (Dice points, difference of the means over seeds, "
+              "Welch's t):\n")
+        print("| trained on | recipe | scored | seeds attention / plain | nucleus | cytoplasm | cell |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()
