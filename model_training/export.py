@@ -26,6 +26,7 @@ from app.engine.contract import (
     CLASS_NAMES,
     DEFAULT_NORMALIZATION,
     SCHEMA_VERSION,
+    STAIN_SCHEMA_VERSION,
     InputSpec,
     ModelMetadata,
     OutputSpec,
@@ -130,7 +131,8 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
     train_cfg = state["config"]
     size = int(train_cfg["input_size"])
     return ModelMetadata(
-        schema_version=SCHEMA_VERSION, name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
+        schema_version=STAIN_SCHEMA_VERSION if stain_of(train_cfg) else SCHEMA_VERSION,
+        name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
         parameters=count_parameters(model), file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
         input=InputSpec(name="image", size=(size, size)), output=OutputSpec(name="logits"),
         normalization=DEFAULT_NORMALIZATION, stain=stain_of(train_cfg),

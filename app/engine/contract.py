@@ -7,14 +7,26 @@ project spells out class names, mean/std or the metadata file's location."""
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.engine.errors import ModelLoadError
 
+#: 1: the first contract; 2: adds `stain` (a reader of version 1 would ignore it and feed the network
+#: unnormalised windows, so a model with a stain normalisation must say 2, which such a reader refuses).
 SCHEMA_VERSION: Literal[1] = 1
+STAIN_SCHEMA_VERSION: Literal[2] = 2
 #: Class ids of the public API, in this order in every mask, response and report.
 CLASS_NAMES: tuple[str, ...] = ("background", "cytoplasm", "nucleus")
 #: Measured regions; the cell is cytoplasm ∪ nucleus.
@@ -49,8 +61,8 @@ class OutputSpec(BaseModel):
 
 
 def _positive(std: tuple[float, float, float]) -> tuple[float, float, float]:
-    if min(std) <= 0:
-        raise ValueError("std must be positive")
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError("std must be positive and finite")
     return std
 
 
@@ -85,7 +97,7 @@ class ModelMetadata(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     name: str
     version: str
     architecture: str
@@ -113,6 +125,12 @@ class ModelMetadata(BaseModel):
         if sorted(classes) != sorted(CLASS_NAMES):
             raise ValueError(f"classes must be {', '.join(CLASS_NAMES)} in some order, got {classes}")
         return classes
+
+    @model_validator(mode="after")
+    def _stain_needs_schema_2(self) -> ModelMetadata:
+        if self.stain is not None and self.schema_version < STAIN_SCHEMA_VERSION:
+            raise ValueError(f"stain normalisation needs schema_version {STAIN_SCHEMA_VERSION}")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> ModelMetadata:

@@ -91,8 +91,14 @@ def find_leukocytes(rgb: np.ndarray, cell_diameter_px: float | None = None) -> l
     # A large image of large cells (a high-resolution camera, a strong objective) needs no tiles: its red
     # cells are wide enough in the whole image's working copy, and a leukocyte wider than the tiles'
     # overlap would be cut by every tile.
-    analysed = _analyse(rgb, _initial_scale(height, width, None), None)
-    if analysed[2] is not None and analysed[2] >= _MIN_WORK_RADIUS:
+    scale = _initial_scale(height, width, None)
+    analysed = _analyse(rgb, scale, None)
+    radius = analysed[2]
+    # Both conditions: the red cells wide enough to work with, and leukocytes (in input pixels) wide
+    # enough that the tiles' overlap could cut them, so that an overestimated radius on a crowded
+    # field alone does not skip the tiles its small cells need.
+    if radius is not None and radius >= _MIN_WORK_RADIUS \
+            and 2 * _WBC_PER_RBC_RADIUS * radius / scale > _TILE_OVERLAP / 2:
         return detect(rgb, None, Params(), analysed)
     return _find_in_tiles(rgb)
 
@@ -217,6 +223,7 @@ def _nucleus_mask(od: np.ndarray) -> np.ndarray:
 
 _BASELINE_WINDOW = 7  # the local baseline: median over this many x this many blocks of side s
 _PEAK_SHARE = 0.5  # a fainter object's own threshold: this share of its own peak contrast
+_BASELINE_GRID = 256  # most blocks on a side of the baseline's grid
 
 
 def _local_contrast(feature: np.ndarray, radius: float) -> np.ndarray:
@@ -224,7 +231,8 @@ def _local_contrast(feature: np.ndarray, radius: float) -> np.ndarray:
     block means (blocks of one red-cell radius), so the level of the surrounding background and red cells
     (which shifts with the white point and stain of that part of the image) reads 0."""
     height, width = feature.shape
-    block = max(2.0, radius)
+    # At most `_BASELINE_GRID` blocks a side: a tiny diameter hint on a huge image must not make millions.
+    block = max(2.0, radius, max(height, width) / _BASELINE_GRID)
     grid = (max(1, round(width / block)), max(1, round(height / block)))
     means = cv2.resize(feature.astype(np.float32), grid, interpolation=cv2.INTER_AREA)
     k = _BASELINE_WINDOW

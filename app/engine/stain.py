@@ -18,8 +18,12 @@ import numpy as np
 
 from app.engine.contract import StainNormalization
 
-#: A channel this flat has no spread to scale; it is only shifted.
-_MIN_STD = 1e-3
+#: A channel this flat (CIELAB units; a grey image's a and b spread only by rounding noise) has no spread
+#: to scale: it is only shifted. Other gains are held to `_GAIN_RANGE`, so that a faded window's noise is
+#: not blown up. The training crops' gains, resized to 224 px, lie within 0.63-1.94: neither bound
+#: changes them.
+_MIN_STD = 1.0
+_GAIN_RANGE = (0.25, 4.0)
 
 
 def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +49,8 @@ def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.nda
     0–255, clipped to the displayable range."""
     lab = _to_lab(pixels)
     mean, std = (v.reshape(3) for v in cv2.meanStdDev(lab))
-    gain = np.where(std > _MIN_STD, np.asarray(reference.std) / np.maximum(std, _MIN_STD), 1.0)
+    gain = np.where(std > _MIN_STD, np.clip(np.asarray(reference.std) / np.maximum(std, _MIN_STD),
+                                            *_GAIN_RANGE), 1.0)
     offset = np.asarray(reference.mean) - mean * gain
     lab *= gain.astype(np.float32)
     lab += offset.astype(np.float32)

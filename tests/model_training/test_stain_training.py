@@ -4,6 +4,7 @@ reference to evaluation and the service."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from app.engine.stain import reference_statistics
 from app.engine.transform import InputTransform
 from model_training.export import ExportConfig, build_metadata, load_checkpoint
 from model_training.loading import load_model
-from model_training.train import TrainConfig, load_data, train
-from model_training.transforms import normalize, normalize_stain_tensor, to_tensor
+from model_training.train import TrainConfig, load_data, make_batches, train
+from model_training.transforms import Augment, normalize, normalize_stain_tensor, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,23 @@ def test_the_export_writes_the_reference_into_model_json(stain_run: tuple[Path, 
     assert meta.stain is not None
     assert meta.stain.model_dump() == state["config"]["stain_reference"]
     assert InputTransform.from_metadata(meta).stain == meta.stain
+
+
+def test_make_batches_normalises_each_augmented_image_with_the_engines_function(
+        stain_run: tuple[Path, TrainConfig]) -> None:
+    out, cfg = stain_run
+    stain = load_model(str(out / "best.pt"), torch.device("cpu")).transform.stain
+    assert stain is not None
+    samples = load_data(TrainConfig(synthetic=True))[0][:4]
+
+    def batch(with_stain: bool) -> torch.Tensor:
+        augment = Augment(cfg.input_size, generator=torch.Generator().manual_seed(7))
+        return make_batches(samples, augment, 4, random.Random(0), stain if with_stain else None)[0][0]
+
+    plain, stained = batch(False), batch(True)
+    mean = torch.tensor(DEFAULT_NORMALIZATION.mean).view(3, 1, 1)
+    std = torch.tensor(DEFAULT_NORMALIZATION.std).view(3, 1, 1)
+    augmented = plain * std + mean  # the same augmented images, in [0, 1]
+    expected = torch.stack([normalize(normalize_stain_tensor(x, stain)) for x in augmented])
+    assert torch.allclose(stained, expected, atol=1e-4)
+    assert not torch.allclose(stained, plain, atol=0.05)

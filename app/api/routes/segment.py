@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from app.engine.report import batch_document, batch_zip, client_filename, result
 if sys.version_info < (3, 11):  # anyio installs the backport there
     from exceptiongroup import BaseExceptionGroup
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["segmentation"])
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -158,10 +160,20 @@ def first_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as errors:
-        leaves = errors.exceptions
-        while len(leaves) == 1 and isinstance(leaves[0], BaseExceptionGroup):
-            leaves = leaves[0].exceptions
-        raise leaves[0] from None
+        leaves = list(_leaves(errors))
+        for other in leaves[1:]:
+            logger.warning("also raised while segmenting: %r", other)
+        first = leaves[0]
+        first.__suppress_context__ = True
+        raise first  # noqa: B904 (the group is the context, suppressed above; the leaf keeps its cause)
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
 
 
 async def run_engine(runtime: Runtime, request: Request, upload: Upload,

@@ -47,7 +47,7 @@ def test_model_endpoint_reports_the_metadata_and_providers(client: TestClient, t
 def test_model_endpoint_reports_the_stain_normalisation(settings_for: Callable[..., Settings],
                                                         tiny_model_dir: Path, tmp_path: Path) -> None:
     stain = {"method": "reinhard", "space": "CIELAB", "mean": [71.0, 10.5, -6.0], "std": [12.0, 8.0, 6.5]}
-    model = copy_model(tiny_model_dir, tmp_path, stain=stain)
+    model = copy_model(tiny_model_dir, tmp_path, stain=stain, schema_version=2)
     with running(settings_for(model_path=model)) as client:
         assert client.get("/v1/model").json()["stain_normalization"] == stain
 

@@ -33,9 +33,11 @@ def test_model_file_matches_its_recorded_sha256(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize(("change", "reason"), [
     ({"classes": ["background", "nucleus"]}, "classes"),
     ({"sha256": "xyz"}, "sha256"),
-    ({"schema_version": 2}, "schema_version"),
+    ({"schema_version": 3}, "schema_version"),
+    ({"stain": {"mean": [70, 10, 5], "std": [15, 10, 10]}}, "schema_version 2"),
+    ({"schema_version": 2, "stain": {"mean": [70, 10, 5], "std": [15, float("nan"), 10]}}, "std"),
     ({"normalization": {"scale": 0.0039, "mean": [0, 0, 0], "std": [0, 1, 1]}}, "std"),
-], ids=["missing-class", "bad-sha", "future-schema", "zero-std"])
+], ids=["missing-class", "bad-sha", "future-schema", "stain-in-schema-1", "nan-stain-std", "zero-std"])
 def test_invalid_metadata_is_refused_with_the_reason(tiny_model_dir: Path, tmp_path: Path,
                                                      change: dict[str, object], reason: str) -> None:
     raw = json.loads((tiny_model_dir / "model.json").read_text())

@@ -68,7 +68,7 @@ def test_metadata_switches_stain_normalisation_on_in_the_transform(tiny_model_di
     plain = ModelMetadata.for_model(model_path)
     assert plain.stain is None  # a model.json without the field: no stain normalisation
     raw = json.loads(plain.model_dump_json())
-    raw["stain"] = REFERENCE.model_dump()
+    raw["stain"], raw["schema_version"] = REFERENCE.model_dump(), 2
     meta = ModelMetadata.model_validate(raw)
     assert meta.stain == REFERENCE
     image = sample_rgb(90, 70, seed=5)
@@ -83,3 +83,13 @@ def test_metadata_switches_stain_normalisation_on_in_the_transform(tiny_model_di
 def test_a_reference_without_spread_is_refused() -> None:
     with pytest.raises(ValueError, match="std must be positive"):
         StainNormalization(mean=(50.0, 0.0, 0.0), std=(10.0, 0.0, 5.0))
+
+
+def test_a_grey_image_is_not_coloured_by_noise_and_the_input_is_left_alone() -> None:
+    ramp = np.repeat(np.linspace(20, 235, 96, dtype=np.float32)[None, :, None], 64, axis=0)
+    grey = np.repeat(ramp, 3, axis=2)  # R = G = B: a and b spread only by rounding
+    before = grey.copy()
+    out = normalize_stain(grey, REFERENCE)
+    assert np.array_equal(grey, before)
+    lab = cv2.cvtColor(out / 255, cv2.COLOR_RGB2LAB)
+    assert lab[..., 1].std() < 1.0 and lab[..., 2].std() < 1.0, (lab[..., 1].std(), lab[..., 2].std())
