@@ -86,8 +86,14 @@ def find_leukocytes(rgb: np.ndarray, cell_diameter_px: float | None = None) -> l
         candidates sorted by descending score; ``[]`` when no leukocyte is seen.
     """
     height, width = rgb.shape[:2]
-    if max(height, width) <= _TILE or cell_diameter_px:
-        return detect(rgb, cell_diameter_px, Params())
+    hint = cell_diameter_px if cell_diameter_px and cell_diameter_px > 0 else None
+    if max(height, width) <= _TILE or (hint is not None and hint > _TILE_OVERLAP / 2):
+        # Small images, and hinted cells so large that the hint's scale makes a small working copy.
+        return detect(rgb, hint, Params())
+    if hint is not None:
+        # Hinted cells small enough for the tiles: a tile at a time keeps the full-resolution working
+        # copies that a small hint asks for within one tile's memory.
+        return _find_in_tiles(rgb, hint)
     # A large image of large cells (a high-resolution camera, a strong objective) needs no tiles: its red
     # cells are wide enough in the whole image's working copy, and a leukocyte wider than the tiles'
     # overlap would be cut by every tile.
@@ -103,16 +109,17 @@ def find_leukocytes(rgb: np.ndarray, cell_diameter_px: float | None = None) -> l
     return _find_in_tiles(rgb)
 
 
-def _find_in_tiles(rgb: np.ndarray) -> list[Candidate]:
-    """`detect` on overlapping tiles; a candidate cut by a tile's inner edge is left to the tile that
-    holds it whole, and duplicates from overlaps are merged (the higher score stays)."""
+def _find_in_tiles(rgb: np.ndarray, hint: float | None = None) -> list[Candidate]:
+    """`detect` (with the diameter `hint`, if any) on overlapping tiles; a candidate cut by a tile's inner
+    edge is left to the tile that holds it whole, and duplicates from overlaps are merged (the higher
+    score stays)."""
     height, width = rgb.shape[:2]
     step = _TILE - _TILE_OVERLAP
     found: list[Candidate] = []
     for y0 in range(0, max(1, height - _TILE_OVERLAP), step):
         for x0 in range(0, max(1, width - _TILE_OVERLAP), step):
             y1, x1 = min(height, y0 + _TILE), min(width, x0 + _TILE)
-            for c in detect(rgb[y0:y1, x0:x1], None, Params()):
+            for c in detect(rgb[y0:y1, x0:x1], hint, Params()):
                 x, y, w, h = c.bbox
                 inner = (x <= 1 and x0 > 0) or (y <= 1 and y0 > 0) or (x + w >= x1 - x0 - 1 and x1 < width) \
                     or (y + h >= y1 - y0 - 1 and y1 < height)
