@@ -223,6 +223,25 @@ def init_weights(model: nn.Module, path: str, device: torch.device) -> None:
                 state["config"].get("out"))
 
 
+def inherit_stain_reference(cfg: TrainConfig) -> None:
+    """A run started (`--init`) from a stain-normalised checkpoint keeps that checkpoint's reference, the
+    normalisation its weights learned, instead of taking a new one from this run's images.
+
+    Raises:
+        ValueError: when such a run is not asked for stain normalisation (`--stain-norm`).
+    """
+    if not cfg.init or cfg.resume:
+        return
+    config = torch.load(cfg.init, map_location="cpu", weights_only=False)["config"]
+    reference = config.get("stain_reference")
+    if reference is None:
+        return
+    if not cfg.stain_norm:
+        raise ValueError(f"{cfg.init} was trained with stain normalisation: fine-tune it with --stain-norm")
+    if cfg.stain_reference is None:
+        cfg.stain_reference = reference
+
+
 def resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, out: Path,
                  device: torch.device) -> tuple[int, float, int, dict[str, float]]:
     """Load `cfg.resume` into the model and optimizer; recover the best result so far.
@@ -288,6 +307,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = load_data(cfg)
     train_images = len(train_set)
+    inherit_stain_reference(cfg)
     if cfg.stain_norm and cfg.stain_reference is None:
         cfg.stain_reference = reference_statistics(s.image for s in train_set).model_dump()
     stain = stain_of(asdict(cfg))

@@ -85,3 +85,18 @@ def test_make_batches_normalises_each_augmented_image_with_the_engines_function(
     expected = torch.stack([normalize(normalize_stain_tensor(x, stain)) for x in augmented])
     assert torch.allclose(stained, expected, atol=1e-4)
     assert not torch.allclose(stained, plain, atol=0.05)
+
+
+def test_fine_tuning_keeps_the_checkpoints_reference_and_needs_stain_norm(
+        stain_run: tuple[Path, TrainConfig], tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    out, _ = stain_run
+    inherited = torch.load(out / "best.pt", weights_only=False)["config"]["stain_reference"]
+    # Other training images (another split seed of the generated data) would give another reference.
+    other = tiny_config(tmp_path / "a", epochs=1, stain_norm=True, split_seed=5, init=str(out / "best.pt"))
+    train(other)
+    kept = torch.load(tmp_path / "a" / "best.pt", weights_only=False)["config"]["stain_reference"]
+    assert kept == inherited
+    fresh = load_data(TrainConfig(synthetic=True, split_seed=5))[0]
+    assert reference_statistics(s.image for s in fresh).model_dump() != inherited
+    with pytest.raises(ValueError, match="--stain-norm"):
+        train(tiny_config(tmp_path / "b", epochs=1, init=str(out / "best.pt")))
