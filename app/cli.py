@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,13 @@ def find_images(input_dir: Path, pattern: str | None = None, exclude: Path | Non
         p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     root = input_dir.resolve()
     skip = exclude.resolve() if exclude else None
-    files = [p for p in candidates if p.is_file() and not (skip and p.resolve().is_relative_to(skip))
-             and (follow_symlinks or p.resolve().is_relative_to(root))]
+    def kept(path: Path) -> bool:
+        if not path.is_file():
+            return False
+        real = path.resolve()
+        return not (skip and real.is_relative_to(skip)) and (follow_symlinks or real.is_relative_to(root))
+
+    files = [p for p in candidates if kept(p)]
     return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
 
 
@@ -264,7 +269,7 @@ def _not_negative_float(text: str) -> float:
     return value
 
 
-_RAY_ARGS = ("address", "manifest", "resume", "actors", "cpus_per_actor", "gpus_per_actor")
+_RAY_ARGS = tuple(f.name for f in fields(RayOptions))
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:

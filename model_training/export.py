@@ -130,12 +130,13 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
     """The contract of an exported checkpoint."""
     train_cfg = state["config"]
     size = int(train_cfg["input_size"])
+    stain = stain_of(train_cfg)
     return ModelMetadata(
-        schema_version=STAIN_SCHEMA_VERSION if stain_of(train_cfg) else SCHEMA_VERSION,
+        schema_version=STAIN_SCHEMA_VERSION if stain else SCHEMA_VERSION,
         name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
         parameters=count_parameters(model), file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
         input=InputSpec(name="image", size=(size, size)), output=OutputSpec(name="logits"),
-        normalization=DEFAULT_NORMALIZATION, stain=stain_of(train_cfg),
+        normalization=DEFAULT_NORMALIZATION, stain=stain,
         classes=list(state.get("classes", CLASS_NAMES)),
         training={**train_cfg, "best_epoch": int(state["epoch"]) + 1, "val_mean_dice": float(state["best"]),
                   "val_names": state.get("val_names", [])},

@@ -41,8 +41,6 @@ from model_training.train import TrainConfig
 logger = logging.getLogger(__name__)
 
 CONV_OPS = ("Conv", "ConvTranspose")
-#: Suffix the exporter gives the bias it creates when it folds a BatchNorm into a bias-free convolution.
-FOLDED_BIAS_SUFFIX = "_bias"
 
 
 class RebuildError(ValueError):

@@ -207,14 +207,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tmp.replace(path)
 
 
-def init_weights(model: nn.Module, path: str, device: torch.device) -> None:
-    """Start from the weights of another run's checkpoint (fine-tuning: new optimizer, schedule, input
-    size and log; the architecture must be the same).
+def init_weights(model: nn.Module, state: dict[str, Any], path: str) -> None:
+    """Start from the weights of another run's checkpoint `state`, read from `path` (fine-tuning: new
+    optimizer, schedule, input size and log; the architecture must be the same).
 
     Raises:
         ValueError: when the checkpoint holds another architecture or width.
     """
-    state = torch.load(path, map_location=device, weights_only=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -223,17 +222,17 @@ def init_weights(model: nn.Module, path: str, device: torch.device) -> None:
                 state["config"].get("out"))
 
 
-def inherit_stain_reference(cfg: TrainConfig) -> None:
-    """A run started (`--init`) from a stain-normalised checkpoint keeps that checkpoint's reference, the
-    normalisation its weights learned, instead of taking a new one from this run's images.
+def inherit_stain_reference(cfg: TrainConfig, initial: dict[str, Any] | None) -> None:
+    """A run started (`--init`) from a stain-normalised checkpoint (`initial`, its loaded state) keeps
+    that checkpoint's reference, the normalisation its weights learned, instead of taking a new one from
+    this run's images.
 
     Raises:
         ValueError: when such a run is not asked for stain normalisation (`--stain-norm`).
     """
-    if not cfg.init or cfg.resume:
+    if initial is None:
         return
-    config = torch.load(cfg.init, map_location="cpu", weights_only=False)["config"]
-    reference = config.get("stain_reference")
+    reference = initial["config"].get("stain_reference")
     if reference is None:
         return
     if not cfg.stain_norm:
@@ -307,7 +306,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = load_data(cfg)
     train_images = len(train_set)
-    inherit_stain_reference(cfg)
+    # The checkpoint a fine-tuning run starts from, read once: its stain reference, then its weights.
+    initial = torch.load(cfg.init, map_location=device, weights_only=False) \
+        if cfg.init and not cfg.resume else None
+    inherit_stain_reference(cfg, initial)
     if cfg.stain_norm and cfg.stain_reference is None:
         cfg.stain_reference = reference_statistics(s.image for s in train_set).model_dump()
     stain = stain_of(asdict(cfg))
@@ -317,8 +319,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if cfg.init and not cfg.resume:
-        init_weights(model, cfg.init, device)
+    if initial is not None:
+        init_weights(model, initial, str(cfg.init))
     start, best, best_epoch, best_scores = resume_state(cfg, model, optimizer, out, device)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",

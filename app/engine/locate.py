@@ -162,6 +162,7 @@ def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params,
         od, nucleus, radius = _analyse(rgb, scale, hint)
     if not nucleus.any():
         return []
+    nucleus = _with_missed_nuclei(od, nucleus, radius)
     if radius is None:
         radius = _radius_from_nuclei(nucleus)
     found = _candidates(od, nucleus, radius, params)
@@ -177,7 +178,8 @@ def _initial_scale(height: int, width: int, hint: float | None) -> float:
 
 
 def _analyse(rgb: np.ndarray, scale: float, hint: float | None):
-    """Optical density of the working copy, its nucleus mask and red-cell radius (working pixels)."""
+    """Optical density of the working copy, its global nucleus mask and red-cell radius (working
+    pixels); `detect` adds the missed nuclei once it has settled on the working copy."""
     if scale < 1.0:
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
@@ -189,10 +191,14 @@ def _analyse(rgb: np.ndarray, scale: float, hint: float | None):
         radius: float | None = hint * scale / (2 * _WBC_PER_RBC_RADIUS)
     else:
         radius = _red_cell_radius(od, nucleus)
-    if nucleus.any():
-        local = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
-        nucleus = nucleus | _missed_objects(local, nucleus)
     return od, nucleus, radius
+
+
+def _with_missed_nuclei(od: np.ndarray, nucleus: np.ndarray, radius: float | None) -> np.ndarray:
+    """The global nucleus mask with the nuclei it missed added (step 2 of the module docstring); done
+    once, on the working copy the candidates come from."""
+    local = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
+    return nucleus | _missed_objects(local, nucleus)
 
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:

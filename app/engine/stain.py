@@ -28,8 +28,7 @@ _GAIN_RANGE = (0.25, 4.0)
 
 def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel CIELAB mean and standard deviation `((3,), (3,))` of `(H, W, 3)` RGB (0–255)."""
-    mean, std = cv2.meanStdDev(_to_lab(pixels))
-    return mean.reshape(3), std.reshape(3)
+    return _statistics(_to_lab(pixels))
 
 
 def reference_statistics(images: Iterable[np.ndarray]) -> StainNormalization:
@@ -48,7 +47,7 @@ def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.nda
     """`(H, W, 3)` RGB (0–255, any dtype) with its CIELAB statistics moved to `reference`'s; float32
     0–255, clipped to the displayable range."""
     lab = _to_lab(pixels)
-    mean, std = (v.reshape(3) for v in cv2.meanStdDev(lab))
+    mean, std = _statistics(lab)
     gain = np.where(std > _MIN_STD, np.clip(np.asarray(reference.std) / np.maximum(std, _MIN_STD),
                                             *_GAIN_RANGE), 1.0)
     offset = np.asarray(reference.mean) - mean * gain
@@ -58,6 +57,11 @@ def normalize_stain(pixels: np.ndarray, reference: StainNormalization) -> np.nda
     rgb: np.ndarray = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32, copy=False)
     np.multiply(rgb, np.float32(255.0), out=rgb)
     return np.clip(rgb, 0.0, 255.0, out=rgb)
+
+
+def _statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = cv2.meanStdDev(lab)
+    return mean.reshape(3), std.reshape(3)
 
 
 def _to_lab(pixels: np.ndarray) -> np.ndarray:
