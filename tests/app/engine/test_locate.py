@@ -218,3 +218,18 @@ def test_lone_platelet_clump_gives_nothing():
     for dx, dy in ((0, 0), (6, 2), (2, 7), (-5, 4), (3, -5)):
         cv2.circle(image, (320 + dx, 240 + dy), 5, (95, 60, 160), -1)
     assert find_leukocytes(cv2.GaussianBlur(image, (3, 3), 0.8)) == []
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_small_pale_object_is_dropped_and_a_small_stained_nucleus_kept(seed):
+    # Both objects are just above the size floor; the pale one (a platelet clump's stain) is dropped,
+    # the one stained like a nucleus is kept, and without the rule the pale one would pass.
+    def field(stain: float) -> np.ndarray:
+        image, labels, _ = synthetic_field([(320, 240, 22, [(320, 240, 12)])], (480, 640), seed, 28, 0,
+                                           RBC_RADIUS)
+        return _restain(image, labels == 2, stain)
+
+    pale, stained = field(0.45), field(0.6)
+    assert find_leukocytes(pale) == []
+    assert len(find_leukocytes(stained)) == 1
+    assert len(locate.detect(pale, None, locate.Params(pale_size=0.0))) == 1
