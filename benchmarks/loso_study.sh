@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Leave-one-source-out study (docs/results.md): train on one Zheng source, score on every image of the
 # other and on the own source's validation split. Recipes: a = today's, b = HED stain jitter σ 0.2,
-# c = Reinhard stain normalisation (reference: the training images), d = b and c. 20 epochs at 160 px,
+# c = Reinhard stain normalisation (reference: the training images), d = b and c, e = c with the scale
+# augmentation of the per-cell windows (--window-scale). 20 epochs at 160 px,
 # attention U-Net, one thread a run, JOBS runs at once. Outputs in runs/loso/<source>-<recipe>-s<seed>.
 # MODELS="attention_unet unet" adds plain U-Net runs (<source>-<recipe>-unet-s<seed>).
 # Usage: SEEDS="0 1" RECIPES="a b c d" MODELS=attention_unet JOBS=2 bash benchmarks/loso_study.sh
@@ -20,6 +21,7 @@ one() {  # one() SOURCE RECIPE SEED MODEL
     b) flags="--hed 0.2" ;;
     c) flags="--stain-norm" ;;
     d) flags="--hed 0.2 --stain-norm" ;;
+    e) flags="--stain-norm --window-scale" ;;
   esac
   local name=$src-$recipe-s$seed
   [ "$model" = attention_unet ] || name=$src-$recipe-$model-s$seed

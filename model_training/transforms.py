@@ -80,6 +80,10 @@ class AugmentConfig:
     blur_p: float = 0.25
     noise_std: float = 0.02
     hed: float = 0.0                # HED stain jitter σ (Tellez et al.): 0 = off, ~0.05 = light
+    # Scale as the engine's windows give it: a square window around the labelled cell in which the cell
+    # spans U(low, high) of the side, replacing scale_min/zoom_out (None = off).
+    window_fraction: tuple[float, float] | None = None
+    window_jitter: float = 0.05     # the window's centre off the cell's, as a fraction of its side
 
 
 class Augment:
@@ -104,6 +108,8 @@ class Augment:
     def _crop(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         _, h, w = image.shape
+        if c.window_fraction is not None and bool((label > 0).any()):
+            return self._window(image, label, c.window_fraction)
         if c.zoom_out > 0 and self._uniform(0, 1) < 0.3:
             pad = round(self._uniform(0, c.zoom_out) * max(h, w))
             if pad:
@@ -119,6 +125,26 @@ class Augment:
         top = int(self._uniform(0, h - ch + 1))
         left = int(self._uniform(0, w - cw + 1))
         return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+
+    def _window(self, image: torch.Tensor, label: torch.Tensor,
+                fraction: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A square window around the cell (the labelled region's box) in which the cell's longer side is
+        `fraction` of the window side, the centre jittered; beyond the image the image is mirrored, as
+        the engine's `window_pixels` pads (replicated where the border is wider than the image)."""
+        _, h, w = image.shape
+        ys, xs = torch.nonzero(label > 0, as_tuple=True)
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+        side = max(8, round(max(x1 - x0, y1 - y0) / self._uniform(*fraction)))
+        jitter = self.config.window_jitter * side
+        left = round((x0 + x1) / 2 + self._uniform(-jitter, jitter) - side / 2)
+        top = round((y0 + y1) / 2 + self._uniform(-jitter, jitter) - side / 2)
+        pads = (max(0, -left), max(0, left + side - w), max(0, -top), max(0, top + side - h))
+        if any(pads):
+            mode = "reflect" if max(pads[:2]) < w and max(pads[2:]) < h else "replicate"
+            image = F.pad(image[None], pads, mode=mode)[0]
+            label = F.pad(label[None, None].float(), pads, mode=mode)[0, 0].long()
+            left, top = left + pads[0], top + pads[2]
+        return image[:, top:top + side, left:left + side], label[top:top + side, left:left + side]
 
     def _geometry(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.flip and self._uniform(0, 1) < 0.5:

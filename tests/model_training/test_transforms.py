@@ -37,8 +37,8 @@ def _scene(h: int = 90, w: int = 70) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(zoom_out=0.4, scale_min=0.5),
-                                    AugmentConfig(hed=0.05)],
-                         ids=["default", "zoom-out", "hed"])
+                                    AugmentConfig(hed=0.05), AugmentConfig(window_fraction=(0.4, 0.8))],
+                         ids=["default", "zoom-out", "hed", "window"])
 def test_augment_keeps_image_and_label_aligned(config: AugmentConfig) -> None:
     image, label = _scene()
     agreement = []
@@ -70,6 +70,25 @@ def test_augment_is_reproducible_from_its_generator() -> None:
 
     torch.testing.assert_close(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("fraction", [(0.45, 0.5), (0.7, 0.75)])
+def test_window_scale_gives_the_cell_the_asked_share_of_the_side(fraction) -> None:
+    # A cell well inside a larger image: each window holds it whole at the asked share of its side,
+    # whatever its size in the source image.
+    yy, xx = np.mgrid[0:160, 0:160]
+    label = np.zeros((160, 160), np.uint8)
+    label[(yy - 70) ** 2 + (xx - 90) ** 2 <= 25**2] = 1
+    label[(yy - 70) ** 2 + (xx - 90) ** 2 <= 10**2] = 2
+    config = AugmentConfig(window_fraction=fraction, rotate90=False)
+    shares = []
+    for seed in range(10):
+        x, y = Augment(64, config, torch.Generator().manual_seed(seed))(to_tensor(PALETTE[label]),
+                                                                          torch.from_numpy(label).long())
+        ys, xs = torch.nonzero(y > 0, as_tuple=True)
+        assert int((y == 2).sum()) > 0 and int(xs.min()) > 0 and int(xs.max()) < 63
+        shares.append(max(int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1) / 64)
+    assert fraction[0] - 0.04 <= min(shares) and max(shares) <= fraction[1] + 0.04
 
 
 def test_resize_label_samples_pixel_centres() -> None:
