@@ -334,8 +334,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         logger.info("BatchNorm %s, HED stain jitter %s, stain normalisation %s",
                     "frozen" if cfg.freeze_bn else "training", f"σ {cfg.hed:g}" if cfg.hed else "off",
                     f"Reinhard to CIELAB mean {stain.mean} sd {stain.std}" if stain else "off")
-    augment = Augment(cfg.input_size, AugmentConfig(
-        hed=cfg.hed, window_fraction=WINDOW_FRACTION if cfg.window_scale else None), generator=torch.Generator())
+    window = WINDOW_FRACTION if cfg.window_scale else None
+    augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed, window_fraction=window),
+                      generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
     loss_fn = DiceCELoss()

@@ -83,7 +83,7 @@ def test_window_scale_gives_the_cell_the_asked_share_of_the_side(fraction) -> No
     config = AugmentConfig(window_fraction=fraction, rotate90=False)
     shares = []
     for seed in range(10):
-        x, y = Augment(64, config, torch.Generator().manual_seed(seed))(to_tensor(PALETTE[label]),
+        _, y = Augment(64, config, torch.Generator().manual_seed(seed))(to_tensor(PALETTE[label]),
                                                                           torch.from_numpy(label).long())
         ys, xs = torch.nonzero(y > 0, as_tuple=True)
         assert int((y == 2).sum()) > 0 and int(xs.min()) > 0 and int(xs.max()) < 63

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from support.service import encode, sample_rgb
 
-from app.engine import Engine, ModelConfig, Options, Result, Upload
+from app.engine import Engine, ModelConfig, Options, Result, Upload, cells
+from app.engine.cells import split_touching
+from app.engine.locate import Candidate
 from model_training.synthetic import lobes, make_field
 
 SHIPPED = Path(__file__).resolve().parents[3] / "weights" / "model.onnx"
@@ -98,6 +100,58 @@ def test_touching_leukocytes_are_separated(engine: Engine) -> None:
     left, right = instances[240, 290], instances[240, 386]
     assert left and right and left != right
     assert all(c.areas_px["nucleus"] > 0.5 * np.pi * 22**2 for c in result.cells)
+
+
+def test_touching_leukocytes_that_the_finder_gave_as_one_come_out_as_two(engine: Engine, monkeypatch) -> None:
+    # The finder grouped both nuclei as one cell's lobes: one window over both, and one region from the
+    # model, which the engine cuts at the neck.
+    pair = [(284, 240, 40, [(284, 240, 22)]), (366, 240, 40, [(366, 240, 22)])]
+    image, _, _ = make_field(pair, red_cells=10)
+    both = Candidate(bbox=(245, 195, 160, 90), score=0.9, nucleus_area_px=3000, touches_border=False)
+    monkeypatch.setattr(cells, "find_leukocytes", lambda *args, **kwargs: [both])
+    result = segment(engine, image)
+    assert len(result.cells) == 2, [c.bbox for c in result.cells]
+    instances = decode_png(result.instances_png)
+    left, right = instances[240, 280], instances[240, 370]
+    assert left and right and left != right
+    assert all(c.areas_px["nucleus"] > 0.5 * np.pi * 22**2 for c in result.cells)
+
+
+def _discs(*discs: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A cell region of (x, y, radius, nucleus radius) discs and its class ids (nucleus 2, cytoplasm 1)."""
+    classes = np.zeros((200, 300), np.uint8)
+    for x, y, radius, _ in discs:
+        cv2.circle(classes, (x, y), radius, 1, -1)
+    for x, y, _, nucleus in discs:
+        if nucleus:
+            cv2.circle(classes, (x, y), nucleus, 2, -1)
+    return classes > 0, classes
+
+
+@pytest.mark.parametrize("second", [40, 28], ids=["equal", "smaller"])
+def test_split_touching_cuts_two_leukocytes_at_their_neck(second: int) -> None:
+    cell, classes = _discs((100, 100, 45, 22), (100 + 45 + second - 8, 100, second, second // 2))
+    parts = split_touching(cell, classes)
+    assert len(parts) == 2
+    assert np.array_equal(parts[0] | parts[1], cell) and not (parts[0] & parts[1]).any()
+    assert {bool(p[100, 100]) for p in parts} == {True, False}, "each centre in its own part"
+
+
+@pytest.mark.parametrize("shape", ["one-disc", "oval", "no-second-nucleus", "bulge"])
+def test_split_touching_keeps_one_cell_whole(shape: str) -> None:
+    if shape == "one-disc":
+        cell, classes = _discs((150, 100, 60, 30))
+    elif shape == "oval":
+        classes = np.zeros((200, 300), np.uint8)
+        cv2.ellipse(classes, (150, 100), (110, 55), 0, 0, 360, 1, -1)
+        cv2.ellipse(classes, (150, 100), (60, 25), 0, 0, 360, 2, -1)
+        cell = classes > 0
+    elif shape == "no-second-nucleus":  # a red cell the region ran into
+        cell, classes = _discs((100, 100, 45, 22), (170, 100, 35, 0))
+    else:  # a small bulge of cytoplasm
+        cell, classes = _discs((120, 100, 60, 30), (195, 100, 20, 0))
+    parts = split_touching(cell, classes)
+    assert len(parts) == 1 and np.array_equal(parts[0], cell)
 
 
 @pytest.mark.parametrize("red_cells", [0, 30], ids=["blank", "red-cells-only"])
