@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app.engine.cells import Window, window_pixels
 from app.engine.contract import DEFAULT_NORMALIZATION, StainNormalization
+from app.engine.locate import Candidate
 from app.engine.stain import normalize_stain
 from app.engine.transform import InputTransform
 
@@ -128,23 +131,22 @@ class Augment:
 
     def _window(self, image: torch.Tensor, label: torch.Tensor,
                 fraction: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A square window around the cell (the labelled region's box) in which the cell's longer side is
-        `fraction` of the window side, the centre jittered; beyond the image the image is mirrored, as
-        the engine's `window_pixels` pads (replicated where the border is wider than the image)."""
-        _, h, w = image.shape
-        ys, xs = torch.nonzero(label > 0, as_tuple=True)
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-        side = max(8, round(max(x1 - x0, y1 - y0) / self._uniform(*fraction)))
+        """A square window around the cell (the box of the largest labelled region) in which the cell's
+        longer side is `fraction` of the window side, the centre jittered; cut by the engine's own
+        `window_pixels`, so that beyond the image the image is mirrored exactly as the service's windows
+        are."""
+        count, _, stats, _ = cv2.connectedComponentsWithStats((label > 0).numpy().astype(np.uint8),
+                                                              connectivity=8)
+        x0, y0, w, h = (int(v) for v in stats[1 + int(np.argmax(stats[1:count, cv2.CC_STAT_AREA])), :4])
+        side = max(8, round(max(w, h) / self._uniform(*fraction)))
         jitter = self.config.window_jitter * side
-        left = round((x0 + x1) / 2 + self._uniform(-jitter, jitter) - side / 2)
-        top = round((y0 + y1) / 2 + self._uniform(-jitter, jitter) - side / 2)
-        pads = (max(0, -left), max(0, left + side - w), max(0, -top), max(0, top + side - h))
-        if any(pads):
-            mode = "reflect" if max(pads[:2]) < w and max(pads[2:]) < h else "replicate"
-            image = F.pad(image[None], pads, mode=mode)[0]
-            label = F.pad(label[None, None].float(), pads, mode=mode)[0, 0].long()
-            left, top = left + pads[0], top + pads[2]
-        return image[:, top:top + side, left:left + side], label[top:top + side, left:left + side]
+        window = Window(round(x0 + w / 2 + self._uniform(-jitter, jitter) - side / 2),
+                        round(y0 + h / 2 + self._uniform(-jitter, jitter) - side / 2), side,
+                        Candidate((x0, y0, w, h), 1.0, 0, False))
+        pixels = window_pixels(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), window)
+        labels = window_pixels(label.numpy().astype(np.uint8), window)
+        return (torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1),
+                torch.from_numpy(np.ascontiguousarray(labels)).long())
 
     def _geometry(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.flip and self._uniform(0, 1) < 0.5:

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.engine.contract import CLASS_NAMES
 from app.engine.labels import labels_at_size
-from app.engine.locate import Candidate, find_leukocytes
+from app.engine.locate import Candidate, fill_holes, find_leukocytes
 from app.engine.measure import class_areas, to_square_microns
 from app.engine.transform import InputTransform
 
@@ -348,58 +348,65 @@ def split_touching(cell: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
     """The cell region cut into the cells it holds when it is two or more leukocytes joined by narrow
     necks (the finder grouped their nuclei as one cell's lobes); else `[cell]`.
 
-    Cores are the parts of the region far from its edge (distance at least a share of the largest, from
-    the highest of `SPLIT_CORES`: two cells of unequal size only part at a lower share):
-    one round or oval cell has one core, cells touching through a neck narrower than the cores have one
-    each. Every pixel goes to the core that reaches it first, the cores growing a pixel a step inside the
-    region (on a copy at most `SPLIT_SIDE` pixels wide, so that the cost does not grow with the cell's
-    size in pixels), and the cut is kept only when every part is a leukocyte of its own: `MIN_PART` of
-    the region and a nucleus of `MIN_NUCLEUS_SHARE` of its area (a bulge of cytoplasm or a red cell the
-    region ran into has none).
+    Cores are the parts of the region far from its edge (the distance to the edge of the region, its holes
+    filled, at least a share of the largest; shares from the highest of `SPLIT_CORES`, as two cells of
+    unequal size only part at a lower one): one round or oval cell has one core, cells touching through a
+    neck narrower than the cores have one each. Every pixel goes to the nearest core, the cores growing a
+    pixel a step inside the region (on a copy at most `SPLIT_SIDE` pixels wide, so that the cost does not
+    grow with the cell's size in pixels). A part is a leukocyte when it holds `MIN_PART` of the region and
+    a nucleus of `MIN_NUCLEUS_SHARE` of its own area; parts that are not (a bulge of cytoplasm, a red cell
+    the region ran into) are given back to their neighbours, and the cut stands when at least two
+    leukocytes remain.
     """
     ys, xs = np.nonzero(cell)
     if xs.size == 0:
         return [cell]
-    x0, y0 = int(xs.min()), int(ys.min())
-    box = cell[y0:int(ys.max()) + 1, x0:int(xs.max()) + 1].astype(np.uint8)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    box, nucleus = cell[y0:y1, x0:x1], classes[y0:y1, x0:x1] == NUCLEUS
+    filled = fill_holes(box).astype(np.uint8)  # a hole is not an edge: a ring cell stays one cell
     factor = min(1.0, SPLIT_SIDE / max(box.shape))
-    small = box if factor == 1.0 else cv2.resize(
-        box, (max(1, round(box.shape[1] * factor)), max(1, round(box.shape[0] * factor))),
+    small = filled if factor == 1.0 else cv2.resize(
+        filled, (max(1, round(box.shape[1] * factor)), max(1, round(box.shape[0] * factor))),
         interpolation=cv2.INTER_NEAREST)
     distance = cv2.distanceTransform(cv2.copyMakeBorder(small, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
                                      cv2.DIST_L2, 5)[1:-1, 1:-1]
     for share in SPLIT_CORES:
-        parts = _parts(cell, classes, distance >= share * distance.max(), small, (x0, y0), box)
-        if parts:
-            return parts
+        count, cores = cv2.connectedComponents((distance >= share * distance.max()).astype(np.uint8),
+                                               connectivity=8)
+        if count <= 2:
+            continue
+        owner = _owners(cores, small, box)
+        kept = [k for k in range(1, count) if _is_leukocyte(owner == k, nucleus, xs.size)]
+        if len(kept) < 2:
+            continue
+        if len(kept) < count - 1:  # regrow from the leukocytes' cores only: the others join a neighbour
+            relabel = np.zeros(count, np.int32)
+            relabel[kept] = np.arange(1, len(kept) + 1)
+            owner = _owners(relabel[cores], small, box)
+        parts = []
+        for k in range(1, len(kept) + 1):
+            part = np.zeros_like(cell)
+            part[y0:y1, x0:x1] = owner == k
+            parts.append(part)
+        return parts
     return [cell]
 
 
-def _parts(cell: np.ndarray, classes: np.ndarray, core: np.ndarray, small: np.ndarray,
-           origin: tuple[int, int], box: np.ndarray) -> list[np.ndarray] | None:
-    """`split_touching`'s parts around the cores `core` of the working copy `small` of the region's
-    `box` (at `origin` in the image), None unless there are several and each is a leukocyte."""
-    count, cores = cv2.connectedComponents(core.astype(np.uint8), connectivity=8)
-    if count <= 2:
-        return None
+def _owners(cores: np.ndarray, small: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Core labels `(h, w)` of the working copy grown over the region `small`, at the size of the
+    region's `box`, zero outside the region."""
     owner = _grown_within(cores.astype(np.uint16), small > 0)
     if owner.shape != box.shape:
         # Every pixel of the working copy's box gets its nearest part, so that the cell's pixels that the
         # copy lost at its edge find one too.
-        owner = _grown_within(owner, np.ones(owner.shape, bool))
-        owner = cv2.resize(owner, box.shape[::-1], interpolation=cv2.INTER_NEAREST) * box
-    (x0, y0), (h, w) = origin, box.shape
-    total, parts = int(box.sum()), []
-    for k in range(1, count):
-        mine = owner == k
-        area = int(mine.sum())
-        if area < MIN_PART * total or (classes[y0:y0 + h, x0:x0 + w][mine] == NUCLEUS).sum() < \
-                MIN_NUCLEUS_SHARE * area:
-            return None
-        part = np.zeros_like(cell)
-        part[y0:y0 + h, x0:x0 + w] = mine
-        parts.append(part)
-    return parts
+        owner = cv2.resize(_grown_within(owner, np.ones(owner.shape, bool)), box.shape[::-1],
+                           interpolation=cv2.INTER_NEAREST)
+    return np.where(box, owner, 0)
+
+
+def _is_leukocyte(part: np.ndarray, nucleus: np.ndarray, total: int) -> bool:
+    area = int(part.sum())
+    return area >= MIN_PART * total and int((nucleus & part).sum()) >= MIN_NUCLEUS_SHARE * area
 
 
 def _grown_within(owner: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -293,7 +293,7 @@ def _missed_objects(local: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the enclosed holes of a boolean mask (pale red-cell centres)."""
     height, width = mask.shape
     outside = np.ones((height + 2, width + 2), np.uint8)
@@ -312,7 +312,7 @@ def _red_cell_radius(od: np.ndarray, nucleus: np.ndarray) -> float | None:
     threshold = max(0.06, _otsu(density, top)) if top > 0.06 else 0.06
     stained = (density > threshold) & ~cv2.dilate(nucleus.astype(np.uint8), np.ones((3, 3))).astype(bool)
     stained = cv2.morphologyEx(stained.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    stained = _fill_holes(stained.astype(bool))
+    stained = fill_holes(stained.astype(bool))
     if stained.mean() < 0.05 or stained.mean() > 0.95:
         return None
     distance = cv2.distanceTransform(stained.astype(np.uint8), cv2.DIST_L2, 5)

@@ -128,7 +128,7 @@ def _discs(*discs: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return classes > 0, classes
 
 
-@pytest.mark.parametrize("second", [40, 28], ids=["equal", "smaller"])
+@pytest.mark.parametrize("second", [40, 28, 22], ids=["equal", "smaller", "much-smaller"])
 def test_split_touching_cuts_two_leukocytes_at_their_neck(second: int) -> None:
     cell, classes = _discs((100, 100, 45, 22), (100 + 45 + second - 8, 100, second, second // 2))
     parts = split_touching(cell, classes)
@@ -137,7 +137,19 @@ def test_split_touching_cuts_two_leukocytes_at_their_neck(second: int) -> None:
     assert {bool(p[100, 100]) for p in parts} == {True, False}, "each centre in its own part"
 
 
-@pytest.mark.parametrize("shape", ["one-disc", "oval", "no-second-nucleus", "bulge"])
+def test_split_touching_gives_a_red_cell_in_the_region_to_a_neighbour() -> None:
+    # Two leukocytes and a red cell touching the second: the red cell has no nucleus and is no cell of
+    # its own, which must not stop the two leukocytes from being cut apart.
+    cell, classes = _discs((80, 100, 45, 22), (157, 100, 40, 20), (225, 100, 35, 0))
+    parts = split_touching(cell, classes)
+    assert len(parts) == 2
+    assert np.array_equal(parts[0] | parts[1], cell)
+    assert {bool(p[100, 80]) for p in parts} == {True, False}
+    same = [bool(p[100, 157]) for p in parts] == [bool(p[100, 230]) for p in parts]
+    assert same, "the red cell joins its neighbour"
+
+
+@pytest.mark.parametrize("shape", ["one-disc", "oval", "no-second-nucleus", "bulge", "long-hole"])
 def test_split_touching_keeps_one_cell_whole(shape: str) -> None:
     if shape == "one-disc":
         cell, classes = _discs((150, 100, 60, 30))
@@ -148,8 +160,12 @@ def test_split_touching_keeps_one_cell_whole(shape: str) -> None:
         cell = classes > 0
     elif shape == "no-second-nucleus":  # a red cell the region ran into
         cell, classes = _discs((100, 100, 45, 22), (170, 100, 35, 0))
-    else:  # a small bulge of cytoplasm
+    elif shape == "bulge":  # a small bulge of cytoplasm
         cell, classes = _discs((120, 100, 60, 30), (195, 100, 20, 0))
+    else:  # a long hole through the middle (a pale streak the model left out) is not a neck
+        cell, classes = _discs((150, 100, 55, 35))
+        cell[96:104, 120:180] = False
+        classes[~cell] = 0
     parts = split_touching(cell, classes)
     assert len(parts) == 1 and np.array_equal(parts[0], cell)
 
