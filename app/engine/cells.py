@@ -184,8 +184,9 @@ class _Runs:
 
 def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:
     """A crop-sized image in which the finder saw no nucleus (a pale stain) gets one window over the whole
-    image, as the model was trained; its cell counts only if the model finds one at the centre with a
-    nucleus of its own. Larger images, and crops without such a cell, have none."""
+    image, as the model was trained; its cell region counts only if the model finds one at the centre with
+    a nucleus of its own (and is cut, like any other, if it joins several leukocytes through necks).
+    Larger images, and crops without such a cell, have none."""
     height, width = runs.pixels.shape[:2]
     if max(height, width) > CROP_SIDE_FACTOR * max(runs.transform.size):
         return Stitcher(height, width, []), 0.0
