@@ -24,9 +24,12 @@ size). The steps, on a downscaled copy:
       strong one is cut well below its), never below the floor;
 3. lobes closer than a fraction of that scale, or of their own size, form one cell (neutrophils);
 4. groups smaller than a fraction of a red cell (platelets, debris) are dropped, and so are groups
-   both just above that size and pale (platelet clumps; on BCCD's training split a clump on a
-   leukocyte-free strip measured 0.24 of a red cell with mean feature 0.49, the smallest pale
-   leukocyte 0.30 and 0.48, the smallest leukocytes 0.23-0.25 with 0.93-0.97);
+   both just above that size and pale, pale meaning below an absolute level of the feature and below
+   a multiple of the image's own nucleus threshold, so that on a faintly stained slide, where every
+   nucleus is pale, small leukocytes stay (platelet clumps; on BCCD's training split a clump on a
+   leukocyte-free strip measured 0.24 of a red cell, mean feature 0.49, 1.31 times its image's
+   threshold; the smallest pale leukocyte 0.30, 0.48 and 1.47; the smallest leukocytes 0.23-0.25 with
+   0.93-0.97);
 5. the cell box is the nucleus box grown by a margin relative to the scale, and not smaller than a
    typical leukocyte (a multiple of the red-cell radius), clipped to the image.
 
@@ -70,7 +73,8 @@ class Params:
     adaptive: bool = False  # True: margin and min_cell; False: grow by fixed_growth of the nucleus size
     fixed_growth: float = 0.2
     pale_size: float = 0.27  # a group under pale_size * pi * s^2 (just above min_area) ...
-    pale_contrast: float = 0.6  # ... must be stained like a nucleus: mean feature at least this
+    pale_contrast: float = 0.6  # ... must be stained like a nucleus: a mean feature of at least this
+    pale_ratio: float = 1.35  # ... or of this many times the image's own nucleus threshold (a faint stain)
 
 
 #: Images with a longer side above this are searched in overlapping tiles of this side, so that cells
@@ -234,9 +238,14 @@ def _nucleus_mask(od: np.ndarray) -> np.ndarray:
     low, high = np.percentile(feature, [5, 99.95])
     if high - low < _FEATURE_FLOOR or np.count_nonzero(feature > _FEATURE_FLOOR) < 16:
         return np.zeros(feature.shape, bool)  # no stained spot stands out (blank or flat image)
-    threshold = max(_FEATURE_FLOOR, _otsu(feature[feature > _FEATURE_FLOOR / 2], 3.0))
-    mask = cv2.morphologyEx((feature > threshold).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    mask = cv2.morphologyEx((feature > _global_threshold(feature)).astype(np.uint8), cv2.MORPH_OPEN,
+                            np.ones((3, 3), np.uint8))
     return mask.astype(bool)
+
+
+def _global_threshold(feature: np.ndarray) -> float:
+    """The image's nucleus threshold: Otsu on the nucleus feature among stained pixels, with a floor."""
+    return max(_FEATURE_FLOOR, _otsu(feature[feature > _FEATURE_FLOOR / 2], 3.0))
 
 
 _BASELINE_WINDOW = 7  # the local baseline: median over this many x this many blocks of side s
@@ -335,13 +344,17 @@ def _candidates(od: np.ndarray, nucleus: np.ndarray, radius: float, params: Para
     floor = max(params.min_area * np.pi * radius**2, params.min_share * areas.max(initial=0))
     height, width = nucleus.shape
     found = []
+    pale: float | None = None  # below this mean feature a small group is pale (computed when needed)
     for label in np.flatnonzero(areas >= max(floor, 1)) + 1:
         ys, xs = np.nonzero(labels == label)
         box = _cell_box(xs, ys, radius, params, width, height)
         contrast = float(np.mean(feature[ys, xs]))
         size = xs.size / (np.pi * radius**2)
-        if size < params.pale_size and contrast < params.pale_contrast:
-            continue  # small and pale: a platelet clump
+        if size < params.pale_size:
+            if pale is None:
+                pale = min(params.pale_contrast, params.pale_ratio * _global_threshold(feature))
+            if contrast < pale:
+                continue  # small and pale: a platelet clump
         found.append((box, 0.5 * min(1.0, size) + 0.5 * min(1.0, contrast), xs.size))
     return found
 

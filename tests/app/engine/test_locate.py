@@ -221,15 +221,23 @@ def test_lone_platelet_clump_gives_nothing():
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_a_small_pale_object_is_dropped_and_a_small_stained_nucleus_kept(seed):
-    # Both objects are just above the size floor; the pale one (a platelet clump's stain) is dropped,
-    # the one stained like a nucleus is kept, and without the rule the pale one would pass.
-    def field(stain: float) -> np.ndarray:
-        image, labels, _ = synthetic_field([(320, 240, 22, [(320, 240, 12)])], (480, 640), seed, 28, 0,
-                                           RBC_RADIUS)
-        return _restain(image, labels == 2, stain)
+def test_a_small_pale_object_beside_a_leukocyte_is_dropped(seed):
+    # A group just above the size floor, far paler than the field's leukocyte nucleus (a platelet clump's
+    # stain), is dropped; without the rule it would pass.
+    cells = [(160, 240, 38, [(160, 240, 22)]), (480, 240, 22, [(480, 240, 12)])]
+    image, labels, instances = synthetic_field(cells, (480, 640), seed, 28, 0, RBC_RADIUS)
+    image = _restain(image, (labels == 2) & (instances == 2), 0.45)
+    found = find_leukocytes(image)
+    assert len(found) == 1 and iou(found[0], cell_box(160, 240, 38, image.shape)) >= 0.5
+    assert len(locate.detect(image, None, locate.Params(pale_size=0.0))) == 2
 
-    pale, stained = field(0.45), field(0.6)
-    assert find_leukocytes(pale) == []
-    assert len(find_leukocytes(stained)) == 1
-    assert len(locate.detect(pale, None, locate.Params(pale_size=0.0))) == 1
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_small_faint_nucleus_in_a_faintly_stained_field_is_kept(seed):
+    # The same pale group as the field's only nucleus: the whole slide is faintly stained, and the rule,
+    # relative to the image's own nucleus threshold, keeps it (an absolute floor alone would not).
+    cells = [(320, 240, 22, [(320, 240, 12)])]
+    image, labels, _ = synthetic_field(cells, (480, 640), seed, 28, 0, RBC_RADIUS)
+    image = _restain(image, labels == 2, 0.45)
+    assert len(find_leukocytes(image)) == 1
+    assert locate.detect(image, None, locate.Params(pale_ratio=100.0)) == []
