@@ -82,9 +82,9 @@ def auto_workers(on_cpu: bool, metadata: ModelMetadata, cpus: int) -> int:
 
     Measured here (docs/benchmarks.md, model 2.0.0 at 224 px): two one-thread runs of the int8 model side
     by side do 1.1-1.3x the work of one two-thread session called from two threads, which in turn serves
-    a lone request 1.2-1.4x faster; the default takes the throughput. The fp32 model scales with threads (34.0 →
-    18.3 ms), so one run with every thread serves it as well and a lone request twice as fast. A GPU
-    takes one run at a time; batching is what fills it.
+    a lone request 1.2-1.4x faster; the default takes the throughput. The fp32 model scales with
+    threads (34.0 → 18.3 ms), so one run with every thread serves it as well and a lone request twice as
+    fast. A GPU takes one run at a time; batching is what fills it.
     """
     return max(1, cpus) if on_cpu and metadata.quantization else 1
 
