@@ -1,6 +1,7 @@
 """The finder on BCCD's validation fields under changed stains and exposure, with and without its
 small-and-pale rule (docs/cells.md): recall and precision of the WBC boxes, and the WBC-free side
-strips that give a candidate.
+strips that give a candidate; and the whole engine (finder, shipped model, stitching) on the same
+images: recall and precision of its cells' boxes.
 
     .venv/bin/python benchmarks/finder_stain_study.py     # about 1 minute; reads ../shared/datasets/bccd
 
@@ -20,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.engine import Options, Upload
 from app.engine.locate import Params, detect
+from benchmarks.cells_study import cell_corners, open_engine, png_bytes
 from benchmarks.finder_study import BCCD, corners, free_strip, load_bccd, match, read_rgb
 from model_training.transforms import hed_jitter, to_tensor
 
@@ -50,8 +53,9 @@ def main() -> None:
     images = {name: read_rgb(BCCD / "images" / name) for name in val}
     print(f"BCCD validation: {len(val)} fields, {sum(len(boxes.get(n, [])) for n in val)} WBC boxes; "
           "finder alone; recall / precision at IoU >= 0.5 and WBC-free strips with a candidate\n")
-    print("| stain or exposure | " + " | ".join(RULES) + " |")
-    print("| --- |" + " --- |" * len(RULES))
+    engine = open_engine(Path(__file__).resolve().parents[1] / "weights" / "model.onnx")
+    print("| stain or exposure | " + " | ".join(f"finder, {r}" for r in RULES) + " | whole engine |")
+    print("| --- |" + " --- |" * (len(RULES) + 1))
     for label, change in CONDITIONS.items():
         cells = []
         for params in RULES.values():
@@ -64,6 +68,12 @@ def main() -> None:
                 strip = free_strip(image, boxes.get(name, []))
                 strips += strip is not None and bool(detect(strip, None, params))
             cells.append(f"{tp / max(1, tp + fn):.3f} / {tp / max(1, tp + fp):.3f}, {strips}")
+        tp = fp = fn = 0
+        for name in val:
+            result = engine.segment(Upload(name, png_bytes(restained(images[name], change))), Options())
+            matched, extra, missed = match([cell_corners(c) for c in result.cells], boxes.get(name, []))
+            tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
+        cells.append(f"{tp / max(1, tp + fn):.3f} / {tp / max(1, tp + fp):.3f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
