@@ -31,10 +31,11 @@ Infer = Callable[[np.ndarray], tuple[np.ndarray, float]]
 #: side; the finder's box is ≈ 1.1 × the true cell).
 CELL_FRACTION = 0.65
 #: An image up to this many model input sides is a crop: without a finder candidate it gets one
-#: whole-image window (`_crop_without_candidates`); such a cell must cover `MIN_CROP_CELL` of the
-#: image and hold a nucleus of `MIN_NUCLEUS_SHARE` of its area.
+#: whole-image window (`_crop_without_candidates`); such a cell must cover `MIN_CROP_CELL` of the image.
 CROP_SIDE_FACTOR = 2.0
 MIN_CROP_CELL = 0.1
+#: Every cell holds a nucleus of at least this share of its area, unless the image border cuts it
+#: (expert masks of the Zheng crops: 0.20 and up; the engine's BCCD cells: 0.24 and up).
 MIN_NUCLEUS_SHARE = 0.15
 #: A window within this factor of a crop's longer side is the whole crop.
 CROP_WINDOW = 0.75
@@ -285,7 +286,8 @@ class Stitcher:
 
     def add(self, index: int, labels: np.ndarray, probability: np.ndarray) -> None:
         """Take window `index`'s cell from its `(side, side)` labels and `(h, w)` foreground probability
-        (model resolution); windows should come in descending finder score."""
+        (model resolution); windows should come in descending finder score. A region without a nucleus
+        of `MIN_NUCLEUS_SHARE` of its area is no leukocyte, unless the image border cuts it."""
         window = self.windows[index]
         height, width = self.labels.shape
         x0, y0 = max(0, window.x0), max(0, window.y0)
@@ -299,6 +301,10 @@ class Stitcher:
         if cell is None or cell.sum() < MIN_AREA_FRACTION * w * h:
             return
         for part in split_touching(cell, local):
+            cut = (y0 == 0 and part[0].any()) or (y1 == height and part[-1].any()) or \
+                (x0 == 0 and part[:, 0].any()) or (x1 == width and part[:, -1].any())
+            if not cut and (local[part] == NUCLEUS).sum() < MIN_NUCLEUS_SHARE * part.sum():
+                continue  # no nucleus of its own inside the image: not a leukocyte
             self.instances[y0:y1, x0:x1][part] = len(self.scores) + 1
             self.labels[y0:y1, x0:x1][part] = local[part]
             self.scores.append(self._score(window, part, probability, (x0 - window.x0, y0 - window.y0)))

@@ -170,6 +170,21 @@ def test_split_touching_keeps_one_cell_whole(shape: str) -> None:
     assert len(parts) == 1 and np.array_equal(parts[0], cell)
 
 
+def test_a_region_without_a_nucleus_of_its_own_is_no_cell(engine: Engine) -> None:
+    # A greyscale copy of a stained crop: the finder still takes a dark spot for a nucleus, but the model,
+    # without colour, draws a region with no nucleus in it. That is no leukocyte, so no cell and empty
+    # masks, never a guess; the colour crop keeps its cell.
+    path = SHIPPED.parents[1] / "examples" / "tecom_046.png"
+    with Image.open(path) as image:
+        colour = np.asarray(image.convert("RGB"))
+        grey = np.asarray(image.convert("L").convert("RGB"))
+    result = segment(engine, grey)
+    assert result.cells == [] and result.primary_cell_id is None
+    assert not decode_png(result.instances_png).any()
+    cells = segment(engine, colour).cells
+    assert len(cells) == 1 and cells[0].areas_px["nucleus"] >= 0.15 * cells[0].areas_px["cell"]
+
+
 @pytest.mark.parametrize("red_cells", [0, 30], ids=["blank", "red-cells-only"])
 def test_an_image_without_leukocytes_has_no_cells_and_an_empty_mask(engine: Engine, red_cells: int) -> None:
     image, _, _ = make_field([], red_cells=red_cells, platelets=4)
