@@ -17,7 +17,7 @@ from pathlib import Path
 RECIPES = {"a": "today's", "b": "HED σ 0.2", "c": "Reinhard", "d": "HED σ 0.2 + Reinhard",
            "e": "Reinhard + window scale"}
 REGIONS = ("nucleus", "cytoplasm", "cell")
-RUN = re.compile(r"^(dataset[12])-([a-e])(?:-(unet))?-s(\d+)-(cross|in)$")
+RUN = re.compile(rf"^(dataset[12])-([{''.join(RECIPES)}])(?:-(unet))?-s(\d+)-(cross|in)$")
 MODELS = {"attention_unet": "attention U-Net", "unet": "plain U-Net"}
 
 

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.engine.cells import Window, window_pixels
+from app.engine.cells import window_pixels
 from app.engine.contract import DEFAULT_NORMALIZATION, StainNormalization
-from app.engine.locate import Candidate
 from app.engine.stain import normalize_stain
 from app.engine.transform import InputTransform
 
@@ -140,11 +139,10 @@ class Augment:
         x0, y0, w, h = (int(v) for v in stats[1 + int(np.argmax(stats[1:count, cv2.CC_STAT_AREA])), :4])
         side = max(8, round(max(w, h) / self._uniform(*fraction)))
         jitter = self.config.window_jitter * side
-        window = Window(round(x0 + w / 2 + self._uniform(-jitter, jitter) - side / 2),
-                        round(y0 + h / 2 + self._uniform(-jitter, jitter) - side / 2), side,
-                        Candidate((x0, y0, w, h), 1.0, 0, False))
-        pixels = window_pixels(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), window)
-        labels = window_pixels(label.numpy().astype(np.uint8), window)
+        left = round(x0 + w / 2 + self._uniform(-jitter, jitter) - side / 2)
+        top = round(y0 + h / 2 + self._uniform(-jitter, jitter) - side / 2)
+        pixels = window_pixels(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), left, top, side)
+        labels = window_pixels(label.numpy().astype(np.uint8), left, top, side)
         return (torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1),
                 torch.from_numpy(np.ascontiguousarray(labels)).long())
 

@@ -105,11 +105,12 @@ def windows_for(candidates: list[Candidate], height: int, width: int) -> list[Wi
     return windows
 
 
-def window_pixels(image: np.ndarray, window: Window) -> np.ndarray:
-    """The window's `(side, side, 3)` pixels; beyond the image's edges the image is mirrored, as the
-    training crops' zoom-out augmentation pads."""
+def window_pixels(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    """The `(side, side, ...)` pixels of the square at `(x0, y0)`; beyond the image's edges the image is
+    mirrored, as the training crops' zoom-out augmentation pads (`--window-scale` cuts its windows here).
+    """
     height, width = image.shape[:2]
-    x0, y0, x1, y1 = window.x0, window.y0, window.x0 + window.side, window.y0 + window.side
+    x1, y1 = x0 + side, y0 + side
     inside = image[max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
     pads = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
     if not any(pads):
@@ -175,7 +176,8 @@ class _Runs:
         keys = [(w.x0, w.y0, w.side) for w in windows]
         todo = {k: w for k, w in zip(keys, windows, strict=True) if k not in self.done}
         if todo:
-            batch = np.stack([self.transform(window_pixels(self.pixels, w)) for w in todo.values()])
+            batch = np.stack([self.transform(window_pixels(self.pixels, w.x0, w.y0, w.side))
+                              for w in todo.values()])
             logits, run_ms = self.infer(batch)
             self.ms += run_ms
             for (key, window), lg in zip(todo.items(), logits, strict=True):
@@ -196,9 +198,9 @@ def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:
     region = _central_region(whole, labels[0])
     if region is None:
         return Stitcher(height, width, []), runs.ms
-    nucleus = int((labels[0][region] == NUCLEUS).sum())
-    if region.sum() < MIN_CROP_CELL * height * width or nucleus < MIN_NUCLEUS_SHARE * region.sum():
+    if region.sum() < MIN_CROP_CELL * height * width or not _has_nucleus(region, labels[0]):
         return Stitcher(height, width, []), runs.ms
+    nucleus = int((labels[0][region] == NUCLEUS).sum())
     ys, xs = np.nonzero(region)
     box = (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1)
     found = replace(whole, candidate=replace(whole.candidate, bbox=box, nucleus_area_px=nucleus))
@@ -300,11 +302,11 @@ class Stitcher:
         _, _, w, h = window.candidate.bbox
         if cell is None or cell.sum() < MIN_AREA_FRACTION * w * h:
             return
-        for part in split_touching(cell, local):
-            cut = (y0 == 0 and part[0].any()) or (y1 == height and part[-1].any()) or \
-                (x0 == 0 and part[:, 0].any()) or (x1 == width and part[:, -1].any())
-            if not cut and (local[part] == NUCLEUS).sum() < MIN_NUCLEUS_SHARE * part.sum():
-                continue  # no nucleus of its own inside the image: not a leukocyte
+        cut = (y0 == 0 and cell[0].any()) or (y1 == height and cell[-1].any()) or \
+            (x0 == 0 and cell[:, 0].any()) or (x1 == width and cell[:, -1].any())
+        if not cut and not _has_nucleus(cell, local):
+            return  # no nucleus of its own inside the image: not a leukocyte
+        for part in split_touching(cell, local):  # each part a leukocyte with a nucleus of its own
             self.instances[y0:y1, x0:x1][part] = len(self.scores) + 1
             self.labels[y0:y1, x0:x1][part] = local[part]
             self.scores.append(self._score(window, part, probability, (x0 - window.x0, y0 - window.y0)))
@@ -369,7 +371,7 @@ def split_touching(cell: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
     if xs.size == 0:
         return [cell]
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    box, nucleus = cell[y0:y1, x0:x1], classes[y0:y1, x0:x1] == NUCLEUS
+    box, box_classes = cell[y0:y1, x0:x1], classes[y0:y1, x0:x1]
     filled = fill_holes(box).astype(np.uint8)  # a hole is not an edge: a ring cell stays one cell
     factor = min(1.0, SPLIT_SIDE / max(box.shape))
     small = filled if factor == 1.0 else cv2.resize(
@@ -383,7 +385,9 @@ def split_touching(cell: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
         if count <= 2:
             continue
         owner = _owners(cores, small, box)
-        kept = [k for k in range(1, count) if _is_leukocyte(owner == k, nucleus, xs.size)]
+        pieces = [owner == k for k in range(1, count)]
+        kept = [k for k, piece in enumerate(pieces, 1)
+                if piece.sum() >= MIN_PART * xs.size and _has_nucleus(piece, box_classes)]
         if len(kept) < 2:
             continue
         if len(kept) < count - 1:  # regrow from the leukocytes' cores only: the others join a neighbour
@@ -411,9 +415,10 @@ def _owners(cores: np.ndarray, small: np.ndarray, box: np.ndarray) -> np.ndarray
     return np.where(box, owner, 0)
 
 
-def _is_leukocyte(part: np.ndarray, nucleus: np.ndarray, total: int) -> bool:
-    area = int(part.sum())
-    return area >= MIN_PART * total and int((nucleus & part).sum()) >= MIN_NUCLEUS_SHARE * area
+def _has_nucleus(region: np.ndarray, classes: np.ndarray) -> bool:
+    """Whether the boolean `region` of the class ids `classes` holds a nucleus of `MIN_NUCLEUS_SHARE` of
+    its area: what every leukocyte has."""
+    return int((classes[region] == NUCLEUS).sum()) >= MIN_NUCLEUS_SHARE * int(region.sum())
 
 
 def _grown_within(owner: np.ndarray, region: np.ndarray) -> np.ndarray:

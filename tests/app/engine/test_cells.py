@@ -13,7 +13,7 @@ from PIL import Image
 from support.service import encode, sample_rgb
 
 from app.engine import Engine, ModelConfig, Options, Result, Upload, cells
-from app.engine.cells import split_touching
+from app.engine.cells import Stitcher, Window, split_touching
 from app.engine.locate import Candidate
 from model_training.synthetic import lobes, make_field
 
@@ -147,6 +147,19 @@ def test_split_touching_gives_a_red_cell_in_the_region_to_a_neighbour() -> None:
     assert {bool(p[100, 80]) for p in parts} == {True, False}
     same = [bool(p[100, 157]) for p in parts] == [bool(p[100, 230]) for p in parts]
     assert same, "the red cell joins its neighbour"
+
+
+def test_the_stitcher_keeps_both_leukocytes_of_a_cut_that_gave_a_red_cell_to_one() -> None:
+    # The part that took the red cell has a nucleus under 15 % of its area; it is still a leukocyte,
+    # judged by its core when the region was cut, and must not be dropped afterwards.
+    _, classes = _discs((80, 100, 45, 22), (157, 100, 40, 20), (225, 100, 35, 0))
+    labels = np.zeros((300, 300), np.uint8)
+    labels[50:250, :] = classes
+    window = Window(50, 0, 300, Candidate((70, 100, 220, 100), 0.9, 1, False))
+    stitched = Stitcher(400, 400, [window])
+    stitched.add(0, labels, np.ones((224, 224), np.float32))
+    assert len(stitched.scores) == 2
+    assert stitched.instances[150, 130] != stitched.instances[150, 207] != 0
 
 
 @pytest.mark.parametrize("shape", ["one-disc", "oval", "no-second-nucleus", "bulge", "long-hole"])
