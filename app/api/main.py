@@ -126,7 +126,8 @@ async def _load(state: ServiceState) -> None:
     settings = state.settings
     try:
         engine = await anyio.to_thread.run_sync(Engine.open, settings.engine_config(),
-                                                settings.decode_limits(), settings.max_batch_pixels)
+                                                settings.decode_limits(), settings.max_batch_pixels,
+                                                settings.max_cells)
     except ModelLoadError as exc:
         logger.error("model not loaded, the service stays unready: %s", exc)
         state.set_phase(Phase.FAILED)

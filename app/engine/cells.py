@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from app.engine.contract import CLASS_NAMES
+from app.engine.errors import TooManyCellsError
 from app.engine.labels import labels_at_size
 from app.engine.locate import Candidate, fill_holes, find_leukocytes
 from app.engine.measure import class_areas, to_square_microns
@@ -51,6 +52,9 @@ MIN_AREA_FRACTION = 0.15
 SPLIT_CORES = (0.5, 0.4, 0.3)
 MIN_PART = 0.15
 SPLIT_SIDE = 128
+#: Windows handed to `infer` at once: memory holds one chunk's inputs and logits, not the image's, and a
+#: client that has gone stops the work at the next chunk (`Engine.segment`'s `cancelled`).
+RUN_CHUNK = 16
 NUCLEUS = CLASS_NAMES.index("nucleus")
 
 
@@ -127,44 +131,55 @@ def foreground_probability(logits: np.ndarray) -> np.ndarray:
 
 
 def segment_cells(pixels: np.ndarray, transform: InputTransform, infer: Infer,
-                  cell_diameter_px: float | None = None) -> tuple[Stitcher, float]:
+                  cell_diameter_px: float | None = None,
+                  max_cells: int | None = None) -> tuple[Stitcher, float]:
     """Find the leukocytes of an `(H, W, 3)` uint8 image, segment each in its window (the windows of the
-    image as one batch), and stitch them.
+    image in chunks of `RUN_CHUNK`), and stitch them.
 
     Two corrections use the model's own view: a window whose cell region runs into its edge (the finder
     boxed only part of the cell, say one nucleus lobe) is replaced by one sized to that region and run
     again; then windows whose cells turn out to be one (each cell region covers the other window's
     centre) are merged into one window and run again.
 
+    Args:
+        max_cells: most windows (finder candidates) the image may have; past it the image is refused
+            before any model run, so that a field packed with cell-like objects cannot buy unbounded
+            model time (`TooManyCellsError`, 413). None: no limit.
+
     Returns:
         The stitched masks and cells, and the milliseconds of the model runs.
     """
     height, width = pixels.shape[:2]
     windows = windows_for(find_leukocytes(pixels, cell_diameter_px), height, width)
+    if max_cells is not None and len(windows) > max_cells:
+        raise TooManyCellsError(
+            f"The image holds {len(windows)} leukocyte candidates, more than the limit of {max_cells} per "
+            f"image; send it in smaller tiles.")
     runs = _Runs(pixels, transform, infer)
     if not windows:
         return _crop_without_candidates(runs)
-    logits, labels = runs.run(windows)
+    probabilities, labels = runs.run(windows)
     for _ in range(GROW_ROUNDS):
         grown = {i: g for i in range(len(windows)) if (g := _grown(windows[i], labels[i], height, width))}
         if not grown:
             break
         again, again_labels = runs.run(list(grown.values()))
         for k, i in enumerate(grown):
-            windows[i], logits[i], labels[i] = grown[i], again[k], again_labels[k]
+            windows[i], probabilities[i], labels[i] = grown[i], again[k], again_labels[k]
     merged = _merge_split_cells(windows, labels, height, width)
     if merged is not None:
         windows = merged
-        logits, labels = runs.run(windows)
+        probabilities, labels = runs.run(windows)
     stitched = Stitcher(height, width, windows)
     for index in range(len(windows)):
-        stitched.add(index, labels[index], foreground_probability(logits[index]))
+        stitched.add(index, labels[index], probabilities[index])
     return stitched, runs.ms
 
 
 class _Runs:
-    """The model runs of one image: windows as one batch, each distinct window run once (a grown or
-    merged window is often one already run, such as the whole crop)."""
+    """The model runs of one image, `RUN_CHUNK` windows at a time, each distinct window run once (a grown
+    or merged window is often one already run, such as the whole crop). Of each run only what the
+    stitching needs is kept: the labels at the window's size and the foreground probability."""
 
     def __init__(self, pixels: np.ndarray, transform: InputTransform, infer: Infer) -> None:
         self.pixels, self.transform, self.infer = pixels, transform, infer
@@ -172,16 +187,17 @@ class _Runs:
         self.ms = 0.0
 
     def run(self, windows: list[Window]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Logits `(C, h, w)` and labels `(side, side)` of each window."""
+        """Foreground probability `(h, w)` (model resolution) and labels `(side, side)` of each window."""
         keys = [(w.x0, w.y0, w.side) for w in windows]
-        todo = {k: w for k, w in zip(keys, windows, strict=True) if k not in self.done}
-        if todo:
+        todo = list({k: w for k, w in zip(keys, windows, strict=True) if k not in self.done}.items())
+        for start in range(0, len(todo), RUN_CHUNK):
+            chunk = todo[start:start + RUN_CHUNK]
             batch = np.stack([self.transform(window_pixels(self.pixels, w.x0, w.y0, w.side))
-                              for w in todo.values()])
+                              for _, w in chunk])
             logits, run_ms = self.infer(batch)
             self.ms += run_ms
-            for (key, window), lg in zip(todo.items(), logits, strict=True):
-                self.done[key] = (lg, labels_at_size(lg, (window.side, window.side)))
+            for (key, window), lg in zip(chunk, logits, strict=True):
+                self.done[key] = (foreground_probability(lg), labels_at_size(lg, (window.side, window.side)))
         return [self.done[k][0] for k in keys], [self.done[k][1] for k in keys]
 
 
@@ -194,7 +210,7 @@ def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:
     if max(height, width) > CROP_SIDE_FACTOR * max(runs.transform.size):
         return Stitcher(height, width, []), 0.0
     whole = Window(0, 0, max(height, width), Candidate((0, 0, width, height), 0.0, 0, True))
-    logits, labels = runs.run([whole])
+    probabilities, labels = runs.run([whole])
     region = _central_region(whole, labels[0])
     if region is None:
         return Stitcher(height, width, []), runs.ms
@@ -205,7 +221,7 @@ def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:
     box = (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1)
     found = replace(whole, candidate=replace(whole.candidate, bbox=box, nucleus_area_px=nucleus))
     stitched = Stitcher(height, width, [found])
-    stitched.add(0, labels[0], foreground_probability(logits[0]))
+    stitched.add(0, labels[0], probabilities[0])
     return stitched, runs.ms
 
 

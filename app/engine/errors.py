@@ -51,6 +51,13 @@ class TooManyFilesError(PayloadTooLargeError):
     slug, title = "too-many-files", "Too many files"
 
 
+class TooManyCellsError(PayloadTooLargeError):
+    """An image holds more leukocyte candidates than one image may (`WBC_MAX_CELLS`); found before any
+    model run."""
+
+    slug, title = "too-many-cells", "Too many cells"
+
+
 class UnauthorizedError(ServiceError):
     """The API key is missing or wrong."""
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.engine.cells import Cell, Infer, Stitcher, measure_cells, primary_cell, segment_cells
 from app.engine.contract import ModelMetadata
-from app.engine.errors import ClientGoneError, ImageTooLargeError, ServiceError
+from app.engine.errors import ClientGoneError, ImageTooLargeError, ServiceError, TooManyCellsError
 from app.engine.geometry import geojson_document
 from app.engine.imaging import (
     DecodeLimits,
@@ -133,20 +133,23 @@ class Engine:
         model: the loaded model.
         limits: what a file may ask of the decoder (`DecodeLimits`), or only its largest pixel count.
         max_batch_pixels: most pixels of all the files of one request (`within_pixel_budget`).
+        max_cells: most leukocyte candidates of one image; an image with more is a `Failure` (413)
+            before any model run (`segment_cells`). None: no limit.
     """
 
     def __init__(self, model: Model, limits: DecodeLimits | int,
-                 max_batch_pixels: int | None = None) -> None:
+                 max_batch_pixels: int | None = None, max_cells: int | None = None) -> None:
         self.model = model
         self.limits = limits if isinstance(limits, DecodeLimits) else DecodeLimits(max_pixels=limits)
         self.max_batch_pixels = max_batch_pixels
+        self.max_cells = max_cells
         self.transform = InputTransform.from_metadata(model.metadata)
 
     @classmethod
     def open(cls, config: ModelConfig, limits: DecodeLimits | int,
-             max_batch_pixels: int | None = None) -> Engine:
+             max_batch_pixels: int | None = None, max_cells: int | None = None) -> Engine:
         """Load the model (see `Model.open`)."""
-        return cls(Model.open(config), limits, max_batch_pixels)
+        return cls(Model.open(config), limits, max_batch_pixels, max_cells)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -214,7 +217,11 @@ class Engine:
             decoded = decode_upload(upload, self.limits, file_pixel_size=not options.pixel_size_um)
         except ServiceError as exc:
             return Failure(upload.filename, exc)
-        stitched, run_ms = segment_cells(decoded.pixels, self.transform, infer, options.cell_diameter_px)
+        try:
+            stitched, run_ms = segment_cells(decoded.pixels, self.transform, infer, options.cell_diameter_px,
+                                             self.max_cells)
+        except TooManyCellsError as exc:
+            return Failure(upload.filename, exc)
         return self._finish(upload.filename, decoded, stitched, run_ms, options)
 
     def _finish(self, filename: str, decoded: Decoded, stitched: Stitcher, run_ms: float,

@@ -52,3 +52,18 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
     return bytes(data[:data.index(b"\xff\xda") + 40])
+
+
+def packed_field_jpeg(tiles: int = 4, tile: int = 700, radius: int = 30) -> bytes:
+    """A field packed with leukocyte-like discs (100 per 700-px tile), `tiles` × `tiles` tiles: every disc is
+    a finder candidate, so each would cost a model run."""
+    from model_training.synthetic import lobes, make_field
+
+    step = 2 * radius + 10
+    steps = range(radius + 5, tile - radius, step)
+    centres = [(x, y) for y in steps for x in steps]
+    image, _, _ = make_field([(x, y, radius, lobes(x, y, 3, radius // 3, radius // 3)) for x, y in centres],
+                             size=(tile, tile), red_cells=0, platelets=0)
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(image, (tiles, tiles, 1))).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

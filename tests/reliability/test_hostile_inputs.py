@@ -11,7 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hostile import flat_png, jpeg_claiming, progressive_jpeg_with_repeated_scans, tiff_with_giant_tile
+from hostile import (
+    flat_png,
+    jpeg_claiming,
+    packed_field_jpeg,
+    progressive_jpeg_with_repeated_scans,
+    tiff_with_giant_tile,
+)
 from live_process import ServiceProcess, wait_until
 from support.service import encode, sample_rgb
 
@@ -40,6 +46,8 @@ CASES = {
     "420000x10-png": ("/v1/segment", [("file", ("a.png", flat_png(420_000, 10)))], 413),
     "tiff-giant-tile": ("/v1/segment", [("file", ("a.tif", tiff_with_giant_tile()))], 422),
     "jpeg-1000-scans": ("/v1/segment", [("file", ("a.jpg", progressive_jpeg_with_repeated_scans()))], 422),
+    # 1,600 leukocyte-like discs in 7.8 MP (the default WBC_MAX_CELLS is 500): refused after the finder.
+    "packed-field-1600-cells": ("/v1/segment", [("file", ("a.jpg", packed_field_jpeg()))], 413),
     "batch-of-36mp-claims": ("/v1/segment/batch?format=zip&overlay=true",
                              [("files", (f"{i}.jpg", jpeg_claiming(6000, 6000))) for i in range(4)], 200),
 }

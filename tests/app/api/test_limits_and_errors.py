@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from support.service import encode, problem, raw_png, running, sample_rgb, upload
 
 from app.api.settings import Settings
+from model_training.synthetic import make_field
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,18 @@ def test_a_decompression_bomb_is_refused_from_its_header(client: TestClient) -> 
     # 30 GB; the header check refuses it first.
     bomb = raw_png(100_000, 100_000, 8, 2, b"\0" * 64)
     problem(client.post("/v1/segment", files=upload(bomb)), 413)
+
+
+def test_an_image_with_more_leukocytes_than_allowed_is_refused_and_its_batch_neighbour_kept(
+        settings_for: Callable[..., Settings], small_png: bytes) -> None:
+    fields = [(80 + 120 * i, 120, 36, [(80 + 120 * i, 120, 20)]) for i in range(4)]
+    image, _, _ = make_field(fields, size=(240, 560), red_cells=0, platelets=0)
+    with running(settings_for(max_cells=3)) as client:
+        body = problem(client.post("/v1/segment", files=upload(encode(image))), 413)
+        assert body["type"].endswith("too-many-cells") and "4 leukocyte candidates" in body["detail"]
+        files = [("files", ("field.png", encode(image))), ("files", ("small.png", small_png))]
+        results = client.post("/v1/segment/batch", files=files).json()["results"]
+    assert results[0]["error"]["status"] == 413 and "areas_px" in results[1]
 
 
 def test_too_many_files_in_a_batch_are_refused(settings_for: Callable[..., Settings],

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from support.service import encode, sample_rgb
 
-from app.engine import Engine, ModelConfig, Options, Result, Upload, cells
+from app.engine import Engine, Failure, ModelConfig, Options, Result, Upload, cells
 from app.engine.cells import Stitcher, Window, split_touching
 from app.engine.locate import Candidate
 from model_training.synthetic import lobes, make_field
@@ -228,3 +228,51 @@ def test_the_request_pixel_size_wins_and_areas_follow_it(engine: Engine) -> None
     cell = result.cells[0]
     assert cell.areas_um2 is not None
     assert cell.areas_um2["cell"] == pytest.approx(cell.areas_px["cell"] * 0.25)
+
+
+def packed_field(side: int = 480, radius: int = 30) -> tuple[np.ndarray, int]:
+    """A field packed with round leukocytes, and how many it holds."""
+    step = 2 * radius + 10
+    steps = range(radius + 5, side - radius, step)
+    centres = [(x, y) for y in steps for x in steps]
+    image, _, _ = make_field([(x, y, radius, lobes(x, y, 3, radius // 3, radius // 3)) for x, y in centres],
+                             size=(side, side), red_cells=0, platelets=0)
+    return image, len(centres)
+
+
+def test_an_image_with_more_cells_than_allowed_is_refused_before_any_model_run(engine: Engine) -> None:
+    image, count = packed_field()
+    runs: list[int] = []
+
+    def counting(images: np.ndarray) -> tuple[np.ndarray, float]:
+        runs.append(len(images))
+        return engine.infer(images)
+
+    limited = Engine(engine.model, engine.limits, max_cells=count - 1)
+    refused = limited.segment(Upload("packed.png", encode(image)), Options(), counting)
+    assert isinstance(refused, Failure)
+    assert (refused.error.status, refused.error.slug) == (413, "too-many-cells")
+    assert str(count) in refused.error.detail and runs == []
+    allowed = Engine(engine.model, engine.limits, max_cells=count).segment(
+        Upload("packed.png", encode(image)), Options(), counting)
+    assert isinstance(allowed, Result) and len(allowed.cells) == count
+
+
+def test_windows_run_in_chunks_with_the_same_cells_as_one_batch(engine: Engine, monkeypatch) -> None:
+    image, count = packed_field(300)
+    sizes: list[int] = []
+
+    def counting(images: np.ndarray) -> tuple[np.ndarray, float]:
+        sizes.append(len(images))
+        return engine.infer(images)
+
+    monkeypatch.setattr(cells, "RUN_CHUNK", 1000)
+    whole = engine.segment(Upload("f.png", encode(image)), Options(arrays=True), counting)
+    assert sizes[0] == count
+    sizes.clear()
+    monkeypatch.setattr(cells, "RUN_CHUNK", 3)
+    chunked = engine.segment(Upload("f.png", encode(image)), Options(arrays=True), counting)
+    assert isinstance(whole, Result) and isinstance(chunked, Result)
+    assert max(sizes) == 3 and sum(sizes) >= count
+    assert np.array_equal(whole.instances, chunked.instances) and np.array_equal(whole.labels, chunked.labels)
+    assert [c.score for c in whole.cells] == [c.score for c in chunked.cells]
