@@ -75,6 +75,8 @@ def cases() -> dict[str, tuple[str, list]]:
             "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(4)))]),
         "JPEG 6,300 x 6,300 (40 MP) packed with 8,100 leukocyte-like discs": (
             "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(9)))]),
+        "batch of 64 JPEGs 700 x 700, each packed with 100 leukocyte-like discs": (
+            "/v1/segment/batch", [("files", (f"{i}.jpg", packed_field_jpeg(1))) for i in range(64)]),
     }
 
 

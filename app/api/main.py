@@ -127,7 +127,7 @@ async def _load(state: ServiceState) -> None:
     try:
         engine = await anyio.to_thread.run_sync(Engine.open, settings.engine_config(),
                                                 settings.decode_limits(), settings.max_batch_pixels,
-                                                settings.max_cells)
+                                                settings.max_cells, settings.max_batch_cells)
     except ModelLoadError as exc:
         logger.error("model not loaded, the service stays unready: %s", exc)
         state.set_phase(Phase.FAILED)

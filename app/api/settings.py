@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     max_jpeg_scans: int = Field(default=100, ge=1)
     # All the files of one batch request together (each file is also held to max_pixels).
     max_batch_pixels: int = Field(default=200_000_000, ge=1)
-    # Leukocyte candidates of one image (each is a model run): past it the image gets 413 before any run.
+    # Leukocyte candidates (each a model run) of one image, and of all the files of one batch request:
+    # past either, the image gets 413 before any run.
     max_cells: int = Field(default=500, ge=1)
+    max_batch_cells: int = Field(default=1000, ge=1)
     # Connections (python -m app): a request's line and headers must arrive within this many seconds,
     # each chunk of its body within body_timeout_s; at most max_header_bytes of headers; at most
     # max_connections connections and max_uploads bodies being received at once.

@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 
 from app.engine.contract import CLASS_NAMES
-from app.engine.errors import TooManyCellsError
 from app.engine.labels import labels_at_size
 from app.engine.locate import Candidate, fill_holes, find_leukocytes
 from app.engine.measure import class_areas, to_square_microns
@@ -132,7 +131,7 @@ def foreground_probability(logits: np.ndarray) -> np.ndarray:
 
 def segment_cells(pixels: np.ndarray, transform: InputTransform, infer: Infer,
                   cell_diameter_px: float | None = None,
-                  max_cells: int | None = None) -> tuple[Stitcher, float]:
+                  admit: Callable[[int], None] | None = None) -> tuple[Stitcher, float]:
     """Find the leukocytes of an `(H, W, 3)` uint8 image, segment each in its window (the windows of the
     image in chunks of `RUN_CHUNK`), and stitch them.
 
@@ -142,19 +141,17 @@ def segment_cells(pixels: np.ndarray, transform: InputTransform, infer: Infer,
     centre) are merged into one window and run again.
 
     Args:
-        max_cells: most windows (finder candidates) the image may have; past it the image is refused
-            before any model run, so that a field packed with cell-like objects cannot buy unbounded
-            model time (`TooManyCellsError`, 413). None: no limit.
+        admit: called with the number of windows (finder candidates) before any model run; it raises
+            (`TooManyCellsError`, 413) to refuse the image, so that a field packed with cell-like
+            objects cannot buy unbounded model time (`Engine`'s cell limits). None: no limit.
 
     Returns:
         The stitched masks and cells, and the milliseconds of the model runs.
     """
     height, width = pixels.shape[:2]
     windows = windows_for(find_leukocytes(pixels, cell_diameter_px), height, width)
-    if max_cells is not None and len(windows) > max_cells:
-        raise TooManyCellsError(
-            f"The image holds {len(windows)} leukocyte candidates, more than the limit of {max_cells} per "
-            f"image; send it in smaller tiles.")
+    if admit is not None:
+        admit(len(windows))
     runs = _Runs(pixels, transform, infer)
     if not windows:
         return _crop_without_candidates(runs)

@@ -11,6 +11,8 @@ here knows about HTTP.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -113,6 +115,28 @@ def decode_upload(upload: Upload, limits: DecodeLimits, file_pixel_size: bool = 
     return Decoded(pixels, pixel_size_from_file(upload.data) if file_pixel_size else None)
 
 
+class CellBudget:
+    """The leukocyte candidates (each a model run) left to one request, drawn by its files as each is
+    reached, from any thread."""
+
+    def __init__(self, cells: int) -> None:
+        self.left = cells
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> None:
+        """Draw `count` candidates.
+
+        Raises:
+            TooManyCellsError: fewer are left; nothing is drawn.
+        """
+        with self._lock:
+            if count > self.left:
+                raise TooManyCellsError(
+                    f"The files of this request hold more leukocyte candidates than the limit of one request;"
+                    f" this image's {count} are over what is left ({self.left}). Send fewer files at once.")
+            self.left -= count
+
+
 def _checked(infer: Infer, cancelled: Callable[[], bool] | None) -> Infer:
     """`infer`, refusing to start a run for a client that has gone."""
     if cancelled is None:
@@ -134,22 +158,24 @@ class Engine:
         limits: what a file may ask of the decoder (`DecodeLimits`), or only its largest pixel count.
         max_batch_pixels: most pixels of all the files of one request (`within_pixel_budget`).
         max_cells: most leukocyte candidates of one image; an image with more is a `Failure` (413)
-            before any model run (`segment_cells`). None: no limit.
+            before any model run. None: no limit.
+        max_batch_cells: most leukocyte candidates of all the files of one request (`cell_budget`).
     """
 
-    def __init__(self, model: Model, limits: DecodeLimits | int,
-                 max_batch_pixels: int | None = None, max_cells: int | None = None) -> None:
+    def __init__(self, model: Model, limits: DecodeLimits | int, max_batch_pixels: int | None = None,
+                 max_cells: int | None = None, max_batch_cells: int | None = None) -> None:
         self.model = model
         self.limits = limits if isinstance(limits, DecodeLimits) else DecodeLimits(max_pixels=limits)
         self.max_batch_pixels = max_batch_pixels
         self.max_cells = max_cells
+        self.max_batch_cells = max_batch_cells
         self.transform = InputTransform.from_metadata(model.metadata)
 
     @classmethod
-    def open(cls, config: ModelConfig, limits: DecodeLimits | int,
-             max_batch_pixels: int | None = None, max_cells: int | None = None) -> Engine:
+    def open(cls, config: ModelConfig, limits: DecodeLimits | int, max_batch_pixels: int | None = None,
+             max_cells: int | None = None, max_batch_cells: int | None = None) -> Engine:
         """Load the model (see `Model.open`)."""
-        return cls(Model.open(config), limits, max_batch_pixels, max_cells)
+        return cls(Model.open(config), limits, max_batch_pixels, max_cells, max_batch_cells)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -179,11 +205,17 @@ class Engine:
         return self.segment_many([upload], options, infer, cancelled)[0]
 
     def segment_many(self, uploads: Sequence[Upload], options: Options, infer: Infer | None = None,
-                     cancelled: Callable[[], bool] | None = None) -> list[Result | Failure]:
-        """Segment files in upload order, each image's cell windows as one model run; a file that fails
-        becomes a `Failure` in its place and never stops the others (see `segment` for the arguments)."""
+                     cancelled: Callable[[], bool] | None = None,
+                     cells: CellBudget | None = None) -> list[Result | Failure]:
+        """Segment files in upload order; a file that fails becomes a `Failure` in its place and never
+        stops the others (see `segment` for the arguments; `cells`: the request's `cell_budget`, shared
+        by every call that segments part of its files)."""
         checked = _checked(infer or self.infer, cancelled)
-        return [self._segment_one(upload, options, checked, cancelled) for upload in uploads]
+        return [self._segment_one(upload, options, checked, cancelled, cells) for upload in uploads]
+
+    def cell_budget(self) -> CellBudget | None:
+        """The leukocyte candidates all the files of one request may have together (`max_batch_cells`)."""
+        return None if self.max_batch_cells is None else CellBudget(self.max_batch_cells)
 
     def within_pixel_budget(self, uploads: Sequence[Upload]) -> list[Upload]:
         """The uploads of one request, those past `max_batch_pixels` (counted from their headers, in
@@ -210,7 +242,7 @@ class Engine:
         return kept
 
     def _segment_one(self, upload: Upload, options: Options, infer: Infer,
-                     cancelled: Callable[[], bool] | None) -> Result | Failure:
+                     cancelled: Callable[[], bool] | None, cells: CellBudget | None) -> Result | Failure:
         if cancelled is not None and cancelled():
             raise ClientGoneError("The client has gone.")
         try:
@@ -219,10 +251,17 @@ class Engine:
             return Failure(upload.filename, exc)
         try:
             stitched, run_ms = segment_cells(decoded.pixels, self.transform, infer, options.cell_diameter_px,
-                                             self.max_cells)
+                                             functools.partial(self._admit, cells))
         except TooManyCellsError as exc:
             return Failure(upload.filename, exc)
         return self._finish(upload.filename, decoded, stitched, run_ms, options)
+
+    def _admit(self, cells: CellBudget | None, count: int) -> None:
+        if self.max_cells is not None and count > self.max_cells:
+            raise TooManyCellsError(f"The image holds {count} leukocyte candidates, more than the limit of "
+                                    f"{self.max_cells} per image; send it in smaller tiles.")
+        if cells is not None:
+            cells.take(count)
 
     def _finish(self, filename: str, decoded: Decoded, stitched: Stitcher, run_ms: float,
                 options: Options) -> Result:

@@ -217,14 +217,18 @@ async def run_engine(runtime: Runtime, request: Request, upload: Upload,
 async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[Upload],
                               options: Options) -> list[Result | Failure]:
     """`Engine.segment_many` over the batch, its pixel budget drawn once in upload order, split into one
-    contiguous share per inference worker so that every worker has runs to do; results in upload order."""
+    contiguous share per inference worker so that every worker has runs to do, all shares drawing on one
+    cell budget; results in upload order."""
     parts: list[list[Upload]] = []
     done: list[list[Result | Failure]] = []
+
+    cells = runtime.engine.cell_budget()
 
     async def segment_part(index: int, gone: threading.Event) -> None:
         infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
         done[index] = await anyio.to_thread.run_sync(trimmed(runtime.engine.segment_many), parts[index],
-                                                     options, infer, gone.is_set, limiter=runtime.limiter)
+                                                     options, infer, gone.is_set, cells,
+                                                     limiter=runtime.limiter)
 
     with runtime.batcher.admitted():
         budgeted = await anyio.to_thread.run_sync(runtime.engine.within_pixel_budget, uploads,

@@ -73,6 +73,17 @@ def test_an_image_with_more_leukocytes_than_allowed_is_refused_and_its_batch_nei
     assert results[0]["error"]["status"] == 413 and "areas_px" in results[1]
 
 
+def test_the_files_of_a_batch_share_one_cell_budget(settings_for: Callable[..., Settings],
+                                                      small_png: bytes) -> None:
+    fields = [(80 + 120 * i, 120, 36, [(80 + 120 * i, 120, 20)]) for i in range(4)]
+    image = encode(make_field(fields, size=(240, 560), red_cells=0, platelets=0)[0])
+    files = [("files", ("a.png", image)), ("files", ("b.png", image)), ("files", ("small.png", small_png))]
+    with running(settings_for(max_batch_cells=6)) as client:
+        results = client.post("/v1/segment/batch", files=files).json()["results"]
+    assert "cells" in results[0] and "cells" in results[2]  # 4 candidates drawn, 2 left
+    assert results[1]["error"]["status"] == 413 and "what is left (2)" in results[1]["error"]["detail"]
+
+
 def test_too_many_files_in_a_batch_are_refused(settings_for: Callable[..., Settings],
                                                 small_png: bytes) -> None:
     with running(settings_for(max_files=2)) as client:

@@ -276,3 +276,18 @@ def test_windows_run_in_chunks_with_the_same_cells_as_one_batch(engine: Engine, 
     assert max(sizes) == 3 and sum(sizes) >= count
     assert np.array_equal(whole.instances, chunked.instances) and np.array_equal(whole.labels, chunked.labels)
     assert [c.score for c in whole.cells] == [c.score for c in chunked.cells]
+
+
+def test_the_files_of_one_request_share_one_cell_budget_across_calls(engine: Engine) -> None:
+    packed, count = packed_field(300)
+    pair, _, _ = make_field([LOBED, ROUND])
+    limited = Engine(engine.model, engine.limits, max_cells=count, max_batch_cells=count + 1)
+    budget = limited.cell_budget()
+    assert budget is not None
+    first = limited.segment_many([Upload("packed.png", encode(packed))], Options(), cells=budget)
+    second = limited.segment_many([Upload("pair.png", encode(pair))], Options(), cells=budget)  # a 2nd share
+    assert isinstance(first[0], Result) and len(first[0].cells) == count
+    assert isinstance(second[0], Failure) and second[0].error.slug == "too-many-cells"
+    assert "(1)" in second[0].error.detail and budget.left == 1
+    alone = limited.segment_many([Upload("pair.png", encode(pair))], Options(), cells=limited.cell_budget())
+    assert isinstance(alone[0], Result) and len(alone[0].cells) == 2
