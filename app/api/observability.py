@@ -11,10 +11,12 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.metrics import Metrics
+from app.api.server import return_freed_memory
 from app.engine.report import printable
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RECORD_FIELDS = ("method", "path", "route", "status", "latency_ms", "request_bytes", "response_bytes")
 _QUIET_ROUTES = ("/health/live", "/health/ready", "/metrics")
+#: A request that took this long gets the memory it freed given back once answered (`return_freed_memory`,
+#: about 0.5 ms: under 0.5 % of such a request; a crop's 35 ms request frees too little to need it).
+TRIM_AFTER_S = 0.1
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,7 +83,8 @@ def route_template(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     """Gives every request an id (`X-Request-ID`, kept when the client sends a sane one), then logs and
-    counts it: method, route, status, latency and body sizes."""
+    counts it: method, route, status, latency and body sizes; after a long one, gives the memory it freed
+    back to the system."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -119,6 +125,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             self._record(rid, method, scope["path"], route_template(scope), status, elapsed, sizes)
             request_id.reset(token)
+        if elapsed >= TRIM_AFTER_S:  # answered: what the request held is freed
+            await anyio.to_thread.run_sync(return_freed_memory)
 
     def _record(self, rid: str, method: str, path: str, route: str, status: int, elapsed: float,
                 sizes: dict[str, int]) -> None:

@@ -40,10 +40,10 @@ def return_freed_memory() -> bool:
     glibc maps large blocks on their own at first, but raises that size each time one is freed (up to
     32 MiB); after that a request's window inputs, probability maps and masks come from the heap of the
     thread that made them, and once freed stay with the process: a field with 400 cells left
-    180-200 MiB resident after its answer. Trimming after each request returns it (about 70 MiB stays)
-    while the heaps keep serving the next request's buffers without a page fault each (a fixed mapping
-    threshold did the first and cost a third more time on that field; docs/reliability.md). A no-op off
-    glibc.
+    180-200 MiB resident after its answer. Trimming once a long request is answered returns it (about
+    70 MiB stays) while the heaps keep serving the next request's buffers without a page fault each (a
+    fixed mapping threshold did the first and cost a third more time on that field; docs/reliability.md).
+    A no-op off glibc.
 
     Returns:
         Whether memory was returned.

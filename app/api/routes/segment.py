@@ -8,9 +8,8 @@ import json
 import logging
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
@@ -18,7 +17,6 @@ from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from app.api.deps import Runtime, RuntimeDep, SettingsDep
 from app.api.routes import problems
 from app.api.schemas import BatchResult, SegmentResult
-from app.api.server import return_freed_memory
 from app.engine import Failure, Options, Result, Upload
 from app.engine.errors import PayloadTooLargeError, TooManyFilesError
 from app.engine.report import batch_document, batch_zip, client_filename, result_document, safe_stem
@@ -178,29 +176,6 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield error
 
 
-T = TypeVar("T")
-
-
-#: Work that took this long gets the memory it freed given back (`trimmed`): trimming costs about 0.5 ms,
-#: under 0.5 % of such work, and a crop's 35 ms request frees too little to need it.
-TRIM_AFTER_S = 0.1
-
-
-def trimmed(work: Callable[..., T]) -> Callable[..., T]:
-    """`work`, then, when it took `TRIM_AFTER_S` or longer, the memory it freed given back to the system
-    (`return_freed_memory`), on its thread."""
-
-    def run(*args: Any) -> T:
-        started = time.perf_counter()
-        try:
-            return work(*args)
-        finally:
-            if time.perf_counter() - started >= TRIM_AFTER_S:
-                return_freed_memory()
-
-    return run
-
-
 async def run_engine(runtime: Runtime, request: Request, upload: Upload,
                      options: Options) -> Result | Failure:
     """`Engine.segment` on a worker thread within the runtime's thread limit; refused at once with a 503
@@ -209,7 +184,7 @@ async def run_engine(runtime: Runtime, request: Request, upload: Upload,
     with runtime.batcher.admitted():
         async with client_watch(request) as gone:
             infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
-            result = await anyio.to_thread.run_sync(trimmed(runtime.engine.segment), upload, options, infer,
+            result = await anyio.to_thread.run_sync(runtime.engine.segment, upload, options, infer,
                                                     gone.is_set, limiter=runtime.limiter)
     return count_images(runtime, [result])[0]
 
@@ -226,7 +201,7 @@ async def segment_in_parallel(runtime: Runtime, request: Request, uploads: list[
 
     async def segment_part(index: int, gone: threading.Event) -> None:
         infer = functools.partial(runtime.batcher.infer, cancelled=gone.is_set)
-        done[index] = await anyio.to_thread.run_sync(trimmed(runtime.engine.segment_many), parts[index],
+        done[index] = await anyio.to_thread.run_sync(runtime.engine.segment_many, parts[index],
                                                      options, infer, gone.is_set, cells,
                                                      limiter=runtime.limiter)
 

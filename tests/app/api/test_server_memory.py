@@ -3,15 +3,17 @@ probability maps) made on a worker thread, between small objects that live on, a
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from app.api.routes import segment
+from app.api import observability
+from app.api.metrics import Metrics
 
 FREE_ON_A_THREAD = textwrap.dedent("""
     import sys, threading
@@ -55,10 +57,21 @@ def test_freed_request_buffers_go_back_to_the_system() -> None:
     assert freed_mib("keep") < 40  # without it glibc keeps them on the thread's heap
 
 
-@pytest.mark.parametrize(("seconds", "trims"), [(0.0, 0), (segment.TRIM_AFTER_S, 1)])
-def test_only_long_work_is_followed_by_a_trim(monkeypatch: pytest.MonkeyPatch, seconds: float,
-                                              trims: int) -> None:
+@pytest.mark.parametrize(("seconds", "trims"), [(0.0, 0), (observability.TRIM_AFTER_S, 1)])
+def test_only_a_long_request_is_followed_by_a_trim(monkeypatch: pytest.MonkeyPatch, seconds: float,
+                                                   trims: int) -> None:
     calls: list[None] = []
-    monkeypatch.setattr(segment, "return_freed_memory", lambda: calls.append(None))
-    assert segment.trimmed(lambda x: time.sleep(seconds) or x)(7) == 7
+    monkeypatch.setattr(observability, "return_freed_memory", lambda: calls.append(None))
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(seconds)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message: Any) -> None:
+        return None
+
+    middleware = observability.RequestContextMiddleware(slow_app, Metrics())
+    scope = {"type": "http", "method": "POST", "path": "/v1/segment", "headers": []}
+    asyncio.run(middleware(scope, send, send))
     assert len(calls) == trims
