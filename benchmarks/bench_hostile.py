@@ -32,6 +32,7 @@ from hostile import (  # noqa: E402
     jpeg_claiming,
     packed_field_jpeg,
     progressive_jpeg_with_repeated_scans,
+    sixteen_bit_tiff,
     tiff_with_giant_tile,
 )
 
@@ -69,6 +70,8 @@ def cases() -> dict[str, tuple[str, list]]:
         "batch of 4 JPEGs claiming 6000 x 6000 (632 B each), ZIP with overlays": (
             "/v1/segment/batch?format=zip&overlay=true",
             [("files", (f"{i}.jpg", jpeg_claiming(6000, 6000))) for i in range(4)]),
+        "TIFF 6,300 x 6,300 (40 MP) 16-bit grey, deflate (118 kB)": (
+            "/v1/segment", [("file", ("a.tif", sixteen_bit_tiff()))]),
         "JPEG 1,400 x 1,400 packed with 400 leukocyte-like discs": (
             "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(2)))]),
         "JPEG 2,800 x 2,800 packed with 1,600 leukocyte-like discs": (

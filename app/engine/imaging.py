@@ -33,6 +33,8 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 190, 255), (255
 CELL_OUTLINE: tuple[int, int, int] = (255, 255, 255)
 _OVERLAY_ALPHA = np.array([0, 96, 128], np.uint16)  # out of 256, per class
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: 16-bit grey value → 8-bit, rounded: a lookup, so that a 40 MP image needs no 32-bit copies of itself.
+_SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 # A 256-entry palette makes Pillow write an 8-bit PNG: the bit depth clients expect of a label mask.
 _PALETTE = [v for color in CLASS_COLORS for v in color] + [0] * (3 * (256 - len(CLASS_COLORS)))
@@ -182,9 +184,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.uint32)
-        grey = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        values = np.asarray(image)
+        if values.dtype.itemsize > 2:  # "I": 32-bit signed
+            values = np.clip(values, 0, 65535)
+        return Image.fromarray(_SIXTEEN_TO_EIGHT_BITS[values]).convert("RGB")  # no wide temporaries
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
     return image.convert("RGB")

@@ -67,3 +67,12 @@ def packed_field_jpeg(tiles: int = 4, tile: int = 700, radius: int = 30) -> byte
     buffer = io.BytesIO()
     Image.fromarray(np.tile(image, (tiles, tiles, 1))).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def sixteen_bit_tiff(side: int = 6300) -> bytes:
+    """A deflate-compressed 16-bit grey TIFF of `side`² pixels (40 MP by default) in about 120 kB: a
+    legitimate image whose conversion to 8 bits once made 32-bit copies of it."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side), 30000, np.uint16)).save(buffer, format="TIFF",
+                                                                  compression="tiff_adobe_deflate")
+    return buffer.getvalue()

@@ -16,6 +16,7 @@ from hostile import (
     jpeg_claiming,
     packed_field_jpeg,
     progressive_jpeg_with_repeated_scans,
+    sixteen_bit_tiff,
     tiff_with_giant_tile,
 )
 from live_process import ServiceProcess, wait_until
@@ -48,6 +49,7 @@ CASES = {
     "jpeg-1000-scans": ("/v1/segment", [("file", ("a.jpg", progressive_jpeg_with_repeated_scans()))], 422),
     # 1,600 leukocyte-like discs in 7.8 MP (the default WBC_MAX_CELLS is 500): refused after the finder.
     "packed-field-1600-cells": ("/v1/segment", [("file", ("a.jpg", packed_field_jpeg()))], 413),
+    "16-bit-tiff-40mp": ("/v1/segment", [("file", ("a.tif", sixteen_bit_tiff()))], 200),
     "batch-of-36mp-claims": ("/v1/segment/batch?format=zip&overlay=true",
                              [("files", (f"{i}.jpg", jpeg_claiming(6000, 6000))) for i in range(4)], 200),
 }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from support.service import encode, png_array, png_rgb16, problem, sample_rgb, upload
+
+from app.engine.imaging import to_rgb
 
 
 def mask_of(client: TestClient, data: bytes, name: str = "cell.png") -> np.ndarray:
@@ -77,6 +80,20 @@ def test_16_bit_grey_maps_its_full_range_onto_8_bits(client: TestClient, rgb: np
     with Image.open(io.BytesIO(encode(wide, fmt))) as reread:
         assert reread.mode.startswith("I")
     assert np.array_equal(mask_of(client, encode(wide, fmt)), mask_of(client, encode(grey)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32], ids=["I;16", "I"])
+def test_16_bit_grey_is_converted_without_wide_copies(dtype: type) -> None:
+    values = np.random.default_rng(0).integers(0, 65536, (1000, 1000)).astype(dtype)
+    image = Image.fromarray(values)
+    tracemalloc.start()
+    rgb = to_rgb(image)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    expected = ((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(np.asarray(rgb)[..., 0], expected)
+    # Copies of the pixels and 8-bit results; the 32-bit arithmetic this replaced peaked at 12 bytes a pixel.
+    assert peak < 2 * values.nbytes + values.size
 
 
 def test_16_bit_rgb_png_matches_its_8_bit_equivalent(client: TestClient, rgb: np.ndarray) -> None:
