@@ -59,7 +59,7 @@ def start(repo: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("the service did not become ready")
 
 
-def cases() -> dict[str, tuple[str, list]]:
+def cases() -> dict[str, tuple[str, list | bytes]]:
     return {
         "PNG 1 x 40,000,000 (39 kB)": ("/v1/segment", [("file", ("a.png", flat_png(40_000_000, 1)))]),
         "PNG 420,000 x 10 (4 kB)": ("/v1/segment", [("file", ("a.png", flat_png(420_000, 10)))]),
@@ -78,6 +78,9 @@ def cases() -> dict[str, tuple[str, list]]:
             "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(4)))]),
         "JPEG 6,300 x 6,300 (40 MP) packed with 8,100 leukocyte-like discs": (
             "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(9)))]),
+        "OIP request whose JSON data lists 45 million zeros (90 MB)": (
+            "/v2/models/{model}/infer", b'{"inputs":[{"name":"image","shape":[45000000],"datatype":"UINT8",'
+            b'"data":[' + b"0," * 44_999_999 + b"0]}]}"),
         "batch of 64 JPEGs 700 x 700, each packed with 100 leukocyte-like discs": (
             "/v1/segment/batch", [("files", (f"{i}.jpg", packed_field_jpeg(1))) for i in range(64)]),
     }
@@ -85,6 +88,7 @@ def cases() -> dict[str, tuple[str, list]]:
 
 def measure_files(url: str, pid: int, only: str | None) -> list[str]:
     rows = []
+    model = httpx.get(url + "/v1/model", timeout=10).json()["name"]
     for name, (path, files) in cases().items():
         if only and only not in name:
             continue
@@ -92,7 +96,9 @@ def measure_files(url: str, pid: int, only: str | None) -> list[str]:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
         began = time.monotonic()
         try:
-            code = str(httpx.post(url + path, files=files, timeout=120).status_code)
+            sent = {"content": files, "headers": {"Content-Type": "application/json"}} \
+                if isinstance(files, bytes) else {"files": files}
+            code = str(httpx.post(url + path.format(model=model), timeout=120, **sent).status_code)
         except httpx.HTTPError as exc:
             code = type(exc).__name__
         seconds = time.monotonic() - began

@@ -71,6 +71,22 @@ def test_hostile_file_is_refused_quickly_within_memory_bounds(guarded: ServicePr
     assert wait_until(lambda: rss(guarded) - start < 150 * MIB, 5.0)
 
 
+def test_90_mb_of_json_tensor_data_is_refused_before_parsing(guarded: ServiceProcess) -> None:
+    # Open Inference Protocol: the image as a JSON list of 45 million ints. Parsed, it took +1.8 GB.
+    name = httpx.get(guarded.url + "/v1/model", timeout=10).json()["name"]
+    body = (b'{"inputs":[{"name":"image","shape":[45000000],"datatype":"UINT8","data":['
+            + b"0," * 44_999_999 + b"0]}]}")
+    start = rss(guarded)
+    reset_peak(guarded)
+    began = time.monotonic()
+    response = httpx.post(f"{guarded.url}/v2/models/{name}/infer", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "binary" in response.json()["detail"]
+    assert time.monotonic() - began < 6
+    assert guarded.peak_rss() - start < 600 * MIB
+    assert wait_until(lambda: rss(guarded) - start < 150 * MIB, 5.0)
+
+
 def test_a_batch_over_its_pixel_budget_keeps_the_results_of_the_files_before(guarded: ServiceProcess) -> None:
     image = encode(sample_rgb(96, 80))  # 7,680 px each; the budget is 30,000 px
     files = [("files", (f"{i}.png", image)) for i in range(5)]

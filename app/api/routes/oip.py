@@ -46,6 +46,10 @@ from app.engine.errors import PayloadTooLargeError, ServiceError
 from app.engine.report import cell_document, result_document
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Most bytes of a request's JSON part. A JSON `data` list costs the parser about 40 bytes of memory per
+#: listed byte (a 90 MB list of zeros took +1.8 GB, docs/reliability.md), so an image over about 1 MB
+#: travels as a binary tensor (`binary_data_size`, tritonclient's default).
+MAX_JSON_BYTES = 4 << 20
 INPUT = "image"
 PLATFORM = "wbc-segmenter pipeline (onnxruntime)"
 
@@ -245,9 +249,11 @@ async def model_ready(name: ModelName, state: StateDep) -> dict[str, Any]:
 async def infer(name: ModelName, request: Request, runtime: RuntimeDep, settings: SettingsDep) -> Response:
     """Segment the image file of input `image` (exactly as `/v1/segment`) and return the outputs asked for."""
     meta = _model(runtime.engine.metadata, name)
+    header_length = request.headers.get(HEADER_LENGTH)
+    _check_json_length(header_length or request.headers.get("content-length"))  # before reading the body
     body = await request.body()
-    call = await anyio.to_thread.run_sync(parse_request, body, request.headers.get(HEADER_LENGTH),
-                                          settings.max_file_bytes, limiter=runtime.limiter)
+    call = await anyio.to_thread.run_sync(parse_request, body, header_length, settings.max_file_bytes,
+                                          limiter=runtime.limiter)
     result = await run_engine(runtime, request, call.upload, call.options)
     if isinstance(result, Failure):
         raise result.error
@@ -279,11 +285,12 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
     Raises:
         MalformedRequestError: (400) not JSON, or binary parts that do not add up.
         RequestValidationError: (422) a well-formed request this model cannot take.
-        PayloadTooLargeError: (413) a file over `max_file_bytes`.
+        PayloadTooLargeError: (413) a file over `max_file_bytes`, a JSON part over `MAX_JSON_BYTES`.
     """
     length = len(body) if header_length is None else int(header_length) if header_length.isdigit() else -1
     if not 0 <= length <= len(body):
         raise MalformedRequestError(f"{HEADER_LENGTH} must be a byte count within the body.")
+    _check_json_length(str(length))
     try:
         request = InferenceRequest.model_validate_json(body[:length])
     except ValidationError as exc:
@@ -296,6 +303,15 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
     options = Options(params.pixel_size_um, cell_diameter_px=params.cell_diameter_px,
                       arrays="labels" in outputs or "instances" in outputs)
     return InferCall(request.id, Upload("image", data), options, outputs)
+
+
+def _check_json_length(length: str | None) -> None:
+    """Refuse a JSON part longer than `MAX_JSON_BYTES` (a byte count as its header gives it; else nothing
+    to check)."""
+    if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+        raise PayloadTooLargeError(
+            f"The JSON part of the request is {length} bytes, over the limit of {MAX_JSON_BYTES}; send the "
+            f"image as a binary tensor ({HEADER_LENGTH} and the input's binary_data_size).")
 
 
 def _input_bytes(request: InferenceRequest, binary: bytes, max_file_bytes: int) -> bytes:

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from support.live_server import serving
 from support.service import copy_model, encode, png_array, problem, running, upload
 
+from app.api.routes import oip
 from app.api.settings import Settings
 from model_training.synthetic import lobes, make_field
 
@@ -209,6 +210,19 @@ def test_a_file_over_the_limit_is_refused_with_413(settings_for: Callable[..., S
                                                    png_bytes: bytes) -> None:
     with running(settings_for(max_file_bytes=len(png_bytes) - 1)) as client:
         problem(client.post(f"{TINY}/infer", json={"inputs": [image_input(png_bytes)]}), 413)
+
+
+def test_a_json_part_over_its_limit_is_refused_before_parsing_and_binary_takes_the_same_file(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch, png_bytes: bytes) -> None:
+    monkeypatch.setattr(oip, "MAX_JSON_BYTES", 1000)
+    document = {"inputs": [image_input(png_bytes)]}
+    assert len(json.dumps(document)) > 1000
+    answer = problem(client.post(f"{TINY}/infer", json=document), 413)
+    assert "binary" in answer["detail"]
+    binary = {"name": "image", "datatype": "UINT8", "shape": [len(png_bytes)],
+              "parameters": {"binary_data_size": len(png_bytes)}}
+    header, headers = _header_only({"inputs": [binary]}, png_bytes)
+    assert client.post(f"{TINY}/infer", content=header, headers=headers).status_code == 200
 
 
 def test_the_api_key_guards_the_v2_models_and_leaves_the_probes_open(
