@@ -32,6 +32,9 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (0, 190, 255), (255
 #: Outline and number colour of each cell in overlays.
 CELL_OUTLINE: tuple[int, int, int] = (255, 255, 255)
 _OVERLAY_ALPHA = np.array([0, 96, 128], np.uint16)  # out of 256, per class
+_CLASS_COLORS_16 = np.asarray(CLASS_COLORS, np.uint16)
+#: Rows blended at once: the 16-bit temporaries of the blend stay within a block, not the whole image.
+_OVERLAY_ROWS = 256
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 #: 16-bit grey value → 8-bit, rounded: a lookup, so that a 40 MP image needs no 32-bit copies of itself.
 _SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
@@ -210,16 +213,28 @@ def overlay(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = 
     Returns:
         `(H, W, 3)` uint8 RGB.
     """
-    colors = np.asarray(CLASS_COLORS, np.uint16)[mask]
-    alpha = _OVERLAY_ALPHA[mask][..., None]
-    out = (image.astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8
-    edge = _edges(mask) & (mask > 0)
-    out[edge] = colors[edge]
-    out = out.astype(np.uint8)
+    out = np.empty_like(image)
+    height = mask.shape[0]
+    for start in range(0, height, _OVERLAY_ROWS):  # a block of rows at a time: temporaries stay small
+        end = min(height, start + _OVERLAY_ROWS)
+        colors = _CLASS_COLORS_16[mask[start:end]]
+        alpha = _OVERLAY_ALPHA[mask[start:end]][..., None]
+        blended = (image[start:end].astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8
+        edge = _block_edges(mask, start, end)
+        blended[edge] = colors[edge]
+        out[start:end] = blended
+        if instances is not None:
+            out[start:end][_block_edges(instances, start, end)] = CELL_OUTLINE
     if instances is not None:
-        out[_edges(instances) & (instances > 0)] = CELL_OUTLINE
         _number(out, labels)
     return out
+
+
+def _block_edges(mask: np.ndarray, start: int, end: int) -> np.ndarray:
+    """`_edges` of rows `start:end` of `mask` that are inside a region (non-zero), from those rows and the
+    one on each side."""
+    low, high = max(0, start - 1), min(mask.shape[0], end + 1)
+    return _edges(mask[low:high])[start - low:end - low] & (mask[start:end] > 0)
 
 
 def _number(image: np.ndarray, labels: Sequence[tuple[int, tuple[float, float]]]) -> None:
@@ -248,14 +263,18 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 
 def encode_overlay_png(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = None,
                        labels: Sequence[tuple[int, tuple[float, float]]] = ()) -> bytes:
-    """The overlay of `mask` (and numbered cells) on `(H, W, 3)` RGB `image`, as an RGB PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(overlay(image, mask, instances, labels)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """The overlay of `mask` (and numbered cells) on `(H, W, 3)` RGB `image`, as an RGB PNG (encoded by
+    OpenCV from the array: Pillow would first copy it into 4 bytes a pixel)."""
+    bgr = overlay(image, mask, instances, labels)
+    cv2.cvtColor(bgr, cv2.COLOR_RGB2BGR, dst=bgr)
+    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the overlay")
+    return encoded.tobytes()
 
 
 def encode_instances_png(instances: np.ndarray) -> bytes:
     """`(H, W)` uint16 cell ids → a 16-bit greyscale PNG holding them exactly."""
     buffer = io.BytesIO()
-    Image.fromarray(instances.astype(np.uint16)).save(buffer, format="PNG", compress_level=3)
+    Image.fromarray(np.asarray(instances, np.uint16)).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
