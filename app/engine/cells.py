@@ -163,10 +163,12 @@ def segment_cells(pixels: np.ndarray, transform: InputTransform, infer: Infer,
         again, again_labels = runs.run(list(grown.values()))
         for k, i in enumerate(grown):
             windows[i], probabilities[i], labels[i] = grown[i], again[k], again_labels[k]
+        runs.keep_only(windows)
     merged = _merge_split_cells(windows, labels, height, width)
     if merged is not None:
         windows = merged
         probabilities, labels = runs.run(windows)
+        runs.keep_only(windows)
     stitched = Stitcher(height, width, windows)
     for index in range(len(windows)):
         stitched.add(index, labels[index], probabilities[index])
@@ -196,6 +198,12 @@ class _Runs:
             for (key, window), lg in zip(chunk, logits, strict=True):
                 self.done[key] = (foreground_probability(lg), labels_at_size(lg, (window.side, window.side)))
         return [self.done[k][0] for k in keys], [self.done[k][1] for k in keys]
+
+    def keep_only(self, windows: list[Window]) -> None:
+        """Forget the runs of windows that were replaced (grown or merged), so that what is kept stays one
+        entry per current window."""
+        current = {(w.x0, w.y0, w.side) for w in windows}
+        self.done = {k: v for k, v in self.done.items() if k in current}
 
 
 def _crop_without_candidates(runs: _Runs) -> tuple[Stitcher, float]:

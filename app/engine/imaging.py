@@ -213,7 +213,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = 
     Returns:
         `(H, W, 3)` uint8 RGB.
     """
-    out = np.empty_like(image)
+    out = np.empty(image.shape, np.uint8)  # C order whatever the input's, for the encoder to convert in place
     height = mask.shape[0]
     for start in range(0, height, _OVERLAY_ROWS):  # a block of rows at a time: temporaries stay small
         end = min(height, start + _OVERLAY_ROWS)

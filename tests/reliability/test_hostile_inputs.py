@@ -87,6 +87,20 @@ def test_90_mb_of_json_tensor_data_is_refused_before_parsing(guarded: ServicePro
     assert wait_until(lambda: rss(guarded) - start < 150 * MIB, 5.0)
 
 
+@pytest.mark.parametrize("header", [b"Content-Length", b"Inference-Header-Content-Length"])
+def test_an_announced_json_part_over_its_limit_is_refused_before_its_body_arrives(guarded: ServiceProcess,
+                                                                                   header: bytes) -> None:
+    name = httpx.get(guarded.url + "/v1/model", timeout=10).json()["name"]
+    with socket.create_connection(("127.0.0.1", guarded.port)) as conn:
+        length = b"90000000"
+        conn.sendall(b"POST /v2/models/" + name.encode() + b"/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " + length + b"\r\n" + header + b": "
+                     + length + b"\r\n\r\n{")  # and nothing more: reading the body would wait for it
+        conn.settimeout(1.0)  # under the process's 1.5 s body timeout, which would answer 408
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
 def test_a_batch_over_its_pixel_budget_keeps_the_results_of_the_files_before(guarded: ServiceProcess) -> None:
     image = encode(sample_rgb(96, 80))  # 7,680 px each; the budget is 30,000 px
     files = [("files", (f"{i}.png", image)) for i in range(5)]

@@ -23,6 +23,7 @@ No `/versions/<v>` paths: the one version served is listed in the model's metada
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: listed byte (a 90 MB list of zeros took +1.8 GB, docs/reliability.md), so an image over about 1 MB
 #: travels as a binary tensor (`binary_data_size`, tritonclient's default).
 MAX_JSON_BYTES = 4 << 20
+_BYTE_COUNT = re.compile(r"[0-9]{1,18}")
 INPUT = "image"
 PLATFORM = "wbc-segmenter pipeline (onnxruntime)"
 
@@ -250,7 +252,9 @@ async def infer(name: ModelName, request: Request, runtime: RuntimeDep, settings
     """Segment the image file of input `image` (exactly as `/v1/segment`) and return the outputs asked for."""
     meta = _model(runtime.engine.metadata, name)
     header_length = request.headers.get(HEADER_LENGTH)
-    _check_json_length(header_length or request.headers.get("content-length"))  # before reading the body
+    announced = byte_count(request.headers.get("content-length") if header_length is None else header_length)
+    if announced is not None:
+        _check_json_length(announced)  # before the body is read (a chunked body is checked once read)
     body = await request.body()
     call = await anyio.to_thread.run_sync(parse_request, body, header_length, settings.max_file_bytes,
                                           limiter=runtime.limiter)
@@ -287,10 +291,12 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
         RequestValidationError: (422) a well-formed request this model cannot take.
         PayloadTooLargeError: (413) a file over `max_file_bytes`, a JSON part over `MAX_JSON_BYTES`.
     """
-    length = len(body) if header_length is None else int(header_length) if header_length.isdigit() else -1
+    length = len(body) if header_length is None else byte_count(header_length)
+    if length is None:
+        length = -1
     if not 0 <= length <= len(body):
         raise MalformedRequestError(f"{HEADER_LENGTH} must be a byte count within the body.")
-    _check_json_length(str(length))
+    _check_json_length(length)
     try:
         request = InferenceRequest.model_validate_json(body[:length])
     except ValidationError as exc:
@@ -305,10 +311,14 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
     return InferCall(request.id, Upload("image", data), options, outputs)
 
 
-def _check_json_length(length: str | None) -> None:
-    """Refuse a JSON part longer than `MAX_JSON_BYTES` (a byte count as its header gives it; else nothing
-    to check)."""
-    if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+def byte_count(text: str | None) -> int | None:
+    """A header's byte count: ASCII digits only, at most 18 of them; None for anything else."""
+    return int(text) if text is not None and _BYTE_COUNT.fullmatch(text) else None
+
+
+def _check_json_length(length: int) -> None:
+    """Refuse a JSON part longer than `MAX_JSON_BYTES`."""
+    if length > MAX_JSON_BYTES:
         raise PayloadTooLargeError(
             f"The JSON part of the request is {length} bytes, over the limit of {MAX_JSON_BYTES}; send the "
             f"image as a binary tensor ({HEADER_LENGTH} and the input's binary_data_size).")

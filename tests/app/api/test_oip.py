@@ -179,6 +179,8 @@ def _json(**changes: Any) -> bytes:
 BAD_REQUESTS = {
     "not JSON": (400, b"{", {}),
     "header length past the body": (400, b"{}", {HEADER: "99"}),
+    "header length of 4301 digits": (400, b"{}", {HEADER: "1" * 4301}),
+    "header length not a number": (400, b"{}", {HEADER: "12ab"}),
     "binary size past the body": (400, *_header_only({"inputs": [{"name": "image", "datatype": "UINT8",
                                                                    "shape": [9], "parameters": {
                                                                        "binary_data_size": 9}}]}, b"abc")),

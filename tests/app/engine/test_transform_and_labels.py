@@ -14,6 +14,7 @@ from support.service import TINY_INPUT, copy_model, encode, png_array, running, 
 from app.api.settings import Settings
 from app.engine import labels as interpolate
 from app.engine.contract import ModelMetadata
+from app.engine.imaging import CELL_OUTLINE, CLASS_COLORS, encode_overlay_png
 from app.engine.labels import labels_at_size
 from app.engine.measure import measure
 from app.engine.session import Model, ModelConfig
@@ -87,3 +88,32 @@ def test_measurements_without_cytoplasm_have_no_ratio() -> None:
     assert m.nc_ratio is None
     assert m.areas_um2 == {"nucleus": 4.0, "cytoplasm": 0.0, "cell": 4.0}
     assert m.fractions["cell"] == pytest.approx(1 / 20)
+
+
+@pytest.mark.parametrize("height", [1, 255, 256, 257, 600])
+def test_the_overlay_png_holds_the_blend_in_any_memory_layout(height: int) -> None:
+    rng = np.random.default_rng(height)
+    image = rng.integers(0, 256, (height, 90, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (height, 90)).astype(np.uint8)
+    instances = (mask > 0).astype(np.uint16)
+    colors = np.asarray(CLASS_COLORS, np.uint16)[mask]
+    alpha = np.array([0, 96, 128], np.uint16)[mask][..., None]
+    expected = ((image.astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8).astype(np.uint8)
+    inside = mask > 0
+    edge = np.zeros(mask.shape, bool)  # a pixel inside a region with a 4-neighbour of another class
+    edge[1:] |= mask[1:] != mask[:-1]
+    edge[:-1] |= mask[1:] != mask[:-1]
+    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    edge[:, :-1] |= mask[:, 1:] != mask[:, :-1]
+    expected[edge & inside] = np.asarray(CLASS_COLORS, np.uint8)[mask][edge & inside]
+    for layout in (image, np.asfortranarray(image)):
+        drawn = png_array(encode_overlay_png(layout, mask))
+        assert np.array_equal(drawn, expected)
+        with_cells = png_array(encode_overlay_png(layout, mask, instances))
+        cell_edge = np.zeros(mask.shape, bool)
+        cell_edge[1:] |= instances[1:] != instances[:-1]
+        cell_edge[:-1] |= instances[1:] != instances[:-1]
+        cell_edge[:, 1:] |= instances[:, 1:] != instances[:, :-1]
+        cell_edge[:, :-1] |= instances[:, 1:] != instances[:, :-1]
+        assert (with_cells[cell_edge & inside] == CELL_OUTLINE).all()
+        assert np.array_equal(with_cells[~(cell_edge & inside)], drawn[~(cell_edge & inside)])
