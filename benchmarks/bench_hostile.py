@@ -27,14 +27,7 @@ sys.path.insert(0, str(REPO / "tests" / "reliability"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # before tests/, whose app/ holds the tests of app/
 
-from hostile import (  # noqa: E402
-    flat_png,
-    jpeg_claiming,
-    packed_field_jpeg,
-    progressive_jpeg_with_repeated_scans,
-    sixteen_bit_tiff,
-    tiff_with_giant_tile,
-)
+import hostile  # noqa: E402  (tests/reliability/hostile.py: the inputs of the hostile suite)
 
 MIB = 1 << 20
 
@@ -61,28 +54,28 @@ def start(repo: Path, port: int) -> subprocess.Popen[bytes]:
 
 def cases() -> dict[str, tuple[str, list | bytes]]:
     return {
-        "PNG 1 x 40,000,000 (39 kB)": ("/v1/segment", [("file", ("a.png", flat_png(40_000_000, 1)))]),
-        "PNG 420,000 x 10 (4 kB)": ("/v1/segment", [("file", ("a.png", flat_png(420_000, 10)))]),
+        "PNG 1 x 40,000,000 (39 kB)": ("/v1/segment", [("file", ("a.png", hostile.flat_png(40_000_000, 1)))]),
+        "PNG 420,000 x 10 (4 kB)": ("/v1/segment", [("file", ("a.png", hostile.flat_png(420_000, 10)))]),
         "TIFF 256 x 256 with a 26,736 x 26,736 tile (150 B)": (
-            "/v1/segment", [("file", ("a.tif", tiff_with_giant_tile()))]),
+            "/v1/segment", [("file", ("a.tif", hostile.tiff_with_giant_tile()))]),
         "progressive JPEG, last scan x 1000": (
-            "/v1/segment", [("file", ("a.jpg", progressive_jpeg_with_repeated_scans()))]),
+            "/v1/segment", [("file", ("a.jpg", hostile.progressive_jpeg_with_repeated_scans()))]),
         "batch of 4 JPEGs claiming 6000 x 6000 (632 B each), ZIP with overlays": (
             "/v1/segment/batch?format=zip&overlay=true",
-            [("files", (f"{i}.jpg", jpeg_claiming(6000, 6000))) for i in range(4)]),
+            [("files", (f"{i}.jpg", hostile.jpeg_claiming(6000, 6000))) for i in range(4)]),
         "TIFF 6,300 x 6,300 (40 MP) 16-bit grey, deflate (118 kB)": (
-            "/v1/segment", [("file", ("a.tif", sixteen_bit_tiff()))]),
+            "/v1/segment", [("file", ("a.tif", hostile.sixteen_bit_tiff()))]),
         "JPEG 1,400 x 1,400 packed with 400 leukocyte-like discs": (
-            "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(2)))]),
+            "/v1/segment", [("file", ("a.jpg", hostile.packed_field_jpeg(2)))]),
         "JPEG 2,800 x 2,800 packed with 1,600 leukocyte-like discs": (
-            "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(4)))]),
+            "/v1/segment", [("file", ("a.jpg", hostile.packed_field_jpeg(4)))]),
         "JPEG 6,300 x 6,300 (40 MP) packed with 8,100 leukocyte-like discs": (
-            "/v1/segment", [("file", ("a.jpg", packed_field_jpeg(9)))]),
+            "/v1/segment", [("file", ("a.jpg", hostile.packed_field_jpeg(9)))]),
         "OIP request whose JSON data lists 45 million zeros (90 MB)": (
             "/v2/models/{model}/infer", b'{"inputs":[{"name":"image","shape":[45000000],"datatype":"UINT8",'
             b'"data":[' + b"0," * 44_999_999 + b"0]}]}"),
         "batch of 64 JPEGs 700 x 700, each packed with 100 leukocyte-like discs": (
-            "/v1/segment/batch", [("files", (f"{i}.jpg", packed_field_jpeg(1))) for i in range(64)]),
+            "/v1/segment/batch", [("files", (f"{i}.jpg", hostile.packed_field_jpeg(1))) for i in range(64)]),
     }
 
 
