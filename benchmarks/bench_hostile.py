@@ -72,8 +72,7 @@ def cases() -> dict[str, tuple[str, list | bytes]]:
         "JPEG 6,300 x 6,300 (40 MP) packed with 8,100 leukocyte-like discs": (
             "/v1/segment", [("file", ("a.jpg", hostile.packed_field_jpeg(9)))]),
         "OIP request whose JSON data lists 45 million zeros (90 MB)": (
-            "/v2/models/{model}/infer", b'{"inputs":[{"name":"image","shape":[45000000],"datatype":"UINT8",'
-            b'"data":[' + b"0," * 44_999_999 + b"0]}]}"),
+            "/v2/models/{model}/infer", hostile.oip_json_zeros(45_000_000)),
         "batch of 64 JPEGs 700 x 700, each packed with 100 leukocyte-like discs": (
             "/v1/segment/batch", [("files", (f"{i}.jpg", hostile.packed_field_jpeg(1))) for i in range(64)]),
     }

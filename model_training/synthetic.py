@@ -106,6 +106,13 @@ def lobes(cx: int, cy: int, count: int = 3, spread: int = 18, radius: int = 11) 
 FieldCell = tuple[int, int, int, list[tuple[int, int, int]]]
 
 
+def packed_cells(side: int, radius: int = 30) -> list[FieldCell]:
+    """Three-lobed leukocytes of `radius` packed on a grid over a `side` × `side` field, 10 px apart: a
+    field in which every cell is a finder candidate (`make_field(packed_cells(...), ...)`)."""
+    steps = range(radius + 5, side - radius, 2 * radius + 10)
+    return [(x, y, radius, lobes(x, y, 3, radius // 3, radius // 3)) for y in steps for x in steps]
+
+
 def make_field(cells: list[FieldCell], size: tuple[int, int] = (480, 640), seed: int = 0,
                red_cells: int = 28, platelets: int = 4,
                rbc_radius: int = 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

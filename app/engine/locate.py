@@ -160,7 +160,8 @@ def _overlaps(a: tuple[int, int, int, int], boxes: np.ndarray) -> np.ndarray:
 def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params,
            analysed: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> list[Candidate]:
     """`find_leukocytes` with explicit rules (used by the benchmark to compare variants); `analysed`:
-    `_analyse`'s result at the initial scale without a hint, when the caller has it already."""
+    `_analyse`'s result (nucleus feature, nucleus mask, red-cell radius) at the initial scale without a
+    hint, when the caller has it already."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
@@ -168,16 +169,17 @@ def detect(rgb: np.ndarray, cell_diameter_px: float | None, params: Params,
         return []
     hint = cell_diameter_px if cell_diameter_px and cell_diameter_px > 0 else None
     scale = _initial_scale(height, width, hint)
-    od, nucleus, radius = analysed if analysed is not None and hint is None else _analyse(rgb, scale, hint)
+    analysis = analysed if analysed is not None and hint is None else _analyse(rgb, scale, hint)
+    feature, nucleus, radius = analysis
     if hint is None and radius is not None and radius < _MIN_WORK_RADIUS and scale < 1.0:
         scale = min(1.0, scale * _MIN_WORK_RADIUS * 1.5 / radius)
-        od, nucleus, radius = _analyse(rgb, scale, hint)
+        feature, nucleus, radius = _analyse(rgb, scale, hint)
     if not nucleus.any():
         return []
-    nucleus = _with_missed_nuclei(od, nucleus, radius)
+    nucleus = _with_missed_nuclei(feature, nucleus, radius)
     if radius is None:
         radius = _radius_from_nuclei(nucleus)
-    found = _candidates(od, nucleus, radius, params)
+    found = _candidates(feature, nucleus, radius, params)
     return sorted((_to_input(c, scale, width, height) for c in found), key=lambda c: -c.score)
 
 
@@ -190,26 +192,28 @@ def _initial_scale(height: int, width: int, hint: float | None) -> float:
 
 
 def _analyse(rgb: np.ndarray, scale: float, hint: float | None):
-    """Optical density of the working copy, its global nucleus mask and red-cell radius (working
-    pixels); `detect` adds the missed nuclei once it has settled on the working copy."""
+    """The nucleus feature of the working copy (`_nucleus_feature`, which is all that the later steps
+    need of its optical density), its global nucleus mask and red-cell radius (working pixels); `detect`
+    adds the missed nuclei once it has settled on the working copy."""
     if scale < 1.0:
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     else:
         small = rgb
     od = _optical_density(small)
-    nucleus = _nucleus_mask(od)
+    feature = _nucleus_feature(od)
+    nucleus = _nucleus_mask(feature)
     if hint is not None:
         radius: float | None = hint * scale / (2 * _WBC_PER_RBC_RADIUS)
     else:
         radius = _red_cell_radius(od, nucleus)
-    return od, nucleus, radius
+    return feature, nucleus, radius
 
 
-def _with_missed_nuclei(od: np.ndarray, nucleus: np.ndarray, radius: float | None) -> np.ndarray:
+def _with_missed_nuclei(feature: np.ndarray, nucleus: np.ndarray, radius: float | None) -> np.ndarray:
     """The global nucleus mask with the nuclei it missed added (step 2 of the module docstring); done
     once, on the working copy the candidates come from."""
-    local = _local_nucleus_mask(od, radius if radius is not None else _radius_from_nuclei(nucleus))
+    local = _local_nucleus_mask(feature, radius if radius is not None else _radius_from_nuclei(nucleus))
     return nucleus | _missed_objects(local, nucleus)
 
 
@@ -235,9 +239,8 @@ def _nucleus_feature(od: np.ndarray) -> np.ndarray:
     return od[..., 0] + 0.5 * od[..., 1] - od[..., 2]
 
 
-def _nucleus_mask(od: np.ndarray) -> np.ndarray:
+def _nucleus_mask(feature: np.ndarray) -> np.ndarray:
     """Pixels stained like a nucleus: Otsu on the nucleus feature among stained pixels, with a floor."""
-    feature = _nucleus_feature(od)
     low, high = np.percentile(feature, [5, 99.95])
     if high - low < _FEATURE_FLOOR or np.count_nonzero(feature > _FEATURE_FLOOR) < 16:
         return np.zeros(feature.shape, bool)  # no stained spot stands out (blank or flat image)
@@ -272,9 +275,9 @@ def _local_contrast(feature: np.ndarray, radius: float) -> np.ndarray:
     return feature - cv2.resize(baseline, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def _local_nucleus_mask(od: np.ndarray, radius: float) -> np.ndarray:
+def _local_nucleus_mask(feature: np.ndarray, radius: float) -> np.ndarray:
     """Nucleus mask with a threshold per stained object (see the module docstring)."""
-    contrast = _local_contrast(_nucleus_feature(od), radius)
+    contrast = _local_contrast(feature, radius)
     low = cv2.morphologyEx((contrast > _FEATURE_FLOOR).astype(np.uint8), cv2.MORPH_OPEN,
                            np.ones((3, 3), np.uint8))
     count, labels = cv2.connectedComponents(low, connectivity=8)
@@ -339,10 +342,9 @@ def _radius_from_nuclei(nucleus: np.ndarray) -> float:
     return max(2.0, float(np.sqrt(largest / np.pi)))
 
 
-def _candidates(od: np.ndarray, nucleus: np.ndarray, radius: float, params: Params) -> list[tuple]:
+def _candidates(feature: np.ndarray, nucleus: np.ndarray, radius: float, params: Params) -> list[tuple]:
     """Group lobes, reject small groups, and box each cell (working pixels)."""
     count, labels = _group_lobes(nucleus, radius, params)
-    feature = _nucleus_feature(od)
     areas = np.bincount(labels.ravel(), minlength=count)[1:]
     floor = max(params.min_area * np.pi * radius**2, params.min_share * areas.max(initial=0))
     height, width = nucleus.shape

@@ -54,16 +54,12 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data[:data.index(b"\xff\xda") + 40])
 
 
-def packed_field_jpeg(tiles: int = 4, tile: int = 700, radius: int = 30) -> bytes:
+def packed_field_jpeg(tiles: int = 4, tile: int = 700) -> bytes:
     """A field packed with leukocyte-like discs (100 per 700-px tile), `tiles` × `tiles` tiles: every disc is
     a finder candidate, so each would cost a model run."""
-    from model_training.synthetic import lobes, make_field
+    from model_training.synthetic import make_field, packed_cells
 
-    step = 2 * radius + 10
-    steps = range(radius + 5, tile - radius, step)
-    centres = [(x, y) for y in steps for x in steps]
-    image, _, _ = make_field([(x, y, radius, lobes(x, y, 3, radius // 3, radius // 3)) for x, y in centres],
-                             size=(tile, tile), red_cells=0, platelets=0)
+    image, _, _ = make_field(packed_cells(tile), size=(tile, tile), red_cells=0, platelets=0)
     buffer = io.BytesIO()
     Image.fromarray(np.tile(image, (tiles, tiles, 1))).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -76,3 +72,10 @@ def sixteen_bit_tiff(side: int = 6300) -> bytes:
     Image.fromarray(np.full((side, side), 30000, np.uint16)).save(buffer, format="TIFF",
                                                                   compression="tiff_adobe_deflate")
     return buffer.getvalue()
+
+
+def oip_json_zeros(count: int = 45_000_000) -> bytes:
+    """An Open Inference Protocol request whose image is a JSON list of `count` zeros (2 bytes each: 90 MB
+    by default), each of which a JSON parser would make an object."""
+    return (b'{"inputs":[{"name":"image","shape":[' + str(count).encode() + b'],"datatype":"UINT8","data":['
+            + b"0," * (count - 1) + b"0]}]}")

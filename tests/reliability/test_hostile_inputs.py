@@ -14,6 +14,7 @@ import pytest
 from hostile import (
     flat_png,
     jpeg_claiming,
+    oip_json_zeros,
     packed_field_jpeg,
     progressive_jpeg_with_repeated_scans,
     sixteen_bit_tiff,
@@ -74,8 +75,7 @@ def test_hostile_file_is_refused_quickly_within_memory_bounds(guarded: ServicePr
 def test_90_mb_of_json_tensor_data_is_refused_before_parsing(guarded: ServiceProcess) -> None:
     # Open Inference Protocol: the image as a JSON list of 45 million ints. Parsed, it took +1.8 GB.
     name = httpx.get(guarded.url + "/v1/model", timeout=10).json()["name"]
-    body = (b'{"inputs":[{"name":"image","shape":[45000000],"datatype":"UINT8","data":['
-            + b"0," * 44_999_999 + b"0]}]}")
+    body = oip_json_zeros(45_000_000)
     start = rss(guarded)
     reset_peak(guarded)
     began = time.monotonic()

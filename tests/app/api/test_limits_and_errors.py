@@ -61,23 +61,27 @@ def test_a_decompression_bomb_is_refused_from_its_header(client: TestClient) -> 
     problem(client.post("/v1/segment", files=upload(bomb)), 413)
 
 
+@pytest.fixture(scope="module")
+def four_cells_png() -> bytes:
+    """A field of four leukocytes side by side: four finder candidates."""
+    cells = [(80 + 120 * i, 120, 36, [(80 + 120 * i, 120, 20)]) for i in range(4)]
+    return encode(make_field(cells, size=(240, 560), red_cells=0, platelets=0)[0])
+
+
 def test_an_image_with_more_leukocytes_than_allowed_is_refused_and_its_batch_neighbour_kept(
-        settings_for: Callable[..., Settings], small_png: bytes) -> None:
-    fields = [(80 + 120 * i, 120, 36, [(80 + 120 * i, 120, 20)]) for i in range(4)]
-    image, _, _ = make_field(fields, size=(240, 560), red_cells=0, platelets=0)
+        settings_for: Callable[..., Settings], small_png: bytes, four_cells_png: bytes) -> None:
     with running(settings_for(max_cells=3)) as client:
-        body = problem(client.post("/v1/segment", files=upload(encode(image))), 413)
+        body = problem(client.post("/v1/segment", files=upload(four_cells_png)), 413)
         assert body["type"].endswith("too-many-cells") and "4 leukocyte candidates" in body["detail"]
-        files = [("files", ("field.png", encode(image))), ("files", ("small.png", small_png))]
+        files = [("files", ("field.png", four_cells_png)), ("files", ("small.png", small_png))]
         results = client.post("/v1/segment/batch", files=files).json()["results"]
     assert results[0]["error"]["status"] == 413 and "areas_px" in results[1]
 
 
-def test_the_files_of_a_batch_share_one_cell_budget(settings_for: Callable[..., Settings],
-                                                      small_png: bytes) -> None:
-    fields = [(80 + 120 * i, 120, 36, [(80 + 120 * i, 120, 20)]) for i in range(4)]
-    image = encode(make_field(fields, size=(240, 560), red_cells=0, platelets=0)[0])
-    files = [("files", ("a.png", image)), ("files", ("b.png", image)), ("files", ("small.png", small_png))]
+def test_the_files_of_a_batch_share_one_cell_budget(settings_for: Callable[..., Settings], small_png: bytes,
+                                                      four_cells_png: bytes) -> None:
+    files = [("files", ("a.png", four_cells_png)), ("files", ("b.png", four_cells_png)),
+             ("files", ("small.png", small_png))]
     with running(settings_for(max_batch_cells=6)) as client:
         results = client.post("/v1/segment/batch", files=files).json()["results"]
     assert "cells" in results[0] and "cells" in results[2]  # 4 candidates drawn, 2 left

@@ -15,7 +15,7 @@ from support.service import encode, sample_rgb
 from app.engine import Engine, Failure, ModelConfig, Options, Result, Upload, cells
 from app.engine.cells import Stitcher, Window, split_touching
 from app.engine.locate import Candidate
-from model_training.synthetic import lobes, make_field
+from model_training.synthetic import lobes, make_field, packed_cells
 
 SHIPPED = Path(__file__).resolve().parents[3] / "weights" / "model.onnx"
 LOBED = (170, 150, 40, lobes(170, 150))
@@ -230,14 +230,11 @@ def test_the_request_pixel_size_wins_and_areas_follow_it(engine: Engine) -> None
     assert cell.areas_um2["cell"] == pytest.approx(cell.areas_px["cell"] * 0.25)
 
 
-def packed_field(side: int = 480, radius: int = 30) -> tuple[np.ndarray, int]:
-    """A field packed with round leukocytes, and how many it holds."""
-    step = 2 * radius + 10
-    steps = range(radius + 5, side - radius, step)
-    centres = [(x, y) for y in steps for x in steps]
-    image, _, _ = make_field([(x, y, radius, lobes(x, y, 3, radius // 3, radius // 3)) for x, y in centres],
-                             size=(side, side), red_cells=0, platelets=0)
-    return image, len(centres)
+def packed_field(side: int = 480) -> tuple[np.ndarray, int]:
+    """A field packed with leukocytes, and how many it holds."""
+    cells = packed_cells(side)
+    image, _, _ = make_field(cells, size=(side, side), red_cells=0, platelets=0)
+    return image, len(cells)
 
 
 def test_an_image_with_more_cells_than_allowed_is_refused_before_any_model_run(engine: Engine) -> None:

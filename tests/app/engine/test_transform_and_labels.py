@@ -100,20 +100,22 @@ def test_the_overlay_png_holds_the_blend_in_any_memory_layout(height: int) -> No
     alpha = np.array([0, 96, 128], np.uint16)[mask][..., None]
     expected = ((image.astype(np.uint16) * (256 - alpha) + colors * alpha) >> 8).astype(np.uint8)
     inside = mask > 0
-    edge = np.zeros(mask.shape, bool)  # a pixel inside a region with a 4-neighbour of another class
-    edge[1:] |= mask[1:] != mask[:-1]
-    edge[:-1] |= mask[1:] != mask[:-1]
-    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-    edge[:, :-1] |= mask[:, 1:] != mask[:, :-1]
+    edge = _inner_edges(mask)
     expected[edge & inside] = np.asarray(CLASS_COLORS, np.uint8)[mask][edge & inside]
+    cell_edge = _inner_edges(instances)
     for layout in (image, np.asfortranarray(image)):
         drawn = png_array(encode_overlay_png(layout, mask))
         assert np.array_equal(drawn, expected)
         with_cells = png_array(encode_overlay_png(layout, mask, instances))
-        cell_edge = np.zeros(mask.shape, bool)
-        cell_edge[1:] |= instances[1:] != instances[:-1]
-        cell_edge[:-1] |= instances[1:] != instances[:-1]
-        cell_edge[:, 1:] |= instances[:, 1:] != instances[:, :-1]
-        cell_edge[:, :-1] |= instances[:, 1:] != instances[:, :-1]
         assert (with_cells[cell_edge & inside] == CELL_OUTLINE).all()
         assert np.array_equal(with_cells[~(cell_edge & inside)], drawn[~(cell_edge & inside)])
+
+
+def _inner_edges(ids: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another id."""
+    edge = np.zeros(ids.shape, bool)
+    edge[1:] |= ids[1:] != ids[:-1]
+    edge[:-1] |= ids[1:] != ids[:-1]
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge[:, :-1] |= ids[:, 1:] != ids[:, :-1]
+    return edge
