@@ -9,6 +9,8 @@ under the load of the moment.
 
     .venv/bin/python benchmarks/bench_model.py --model weights/model.onnx --int8 weights/model.int8.onnx \\
         --sizes 256 512 --batches 1 8 --json runs/bench-model/result.json
+    # two models side by side (2.1.0 and the narrower 2.0.0, fp32 and int8 each)
+    .venv/bin/python benchmarks/bench_model.py --compare weights/2.0.0/model.onnx --sizes 224 --batches 1 8
 """
 
 from __future__ import annotations
@@ -152,6 +154,11 @@ def build_runners(args: argparse.Namespace, module: torch.nn.Module) -> dict[str
         runners["ort-cpu-int8"] = ort_runner(Path(args.int8), args.threads)
     if args.cuda and cuda_usable():
         runners["ort-cuda"] = ort_runner(args.model, args.threads, "CUDAExecutionProvider")
+    if args.compare:
+        runners["other-ort-cpu"] = ort_runner(args.compare, args.threads)
+        other_int8 = args.compare.with_name("model.int8.onnx")
+        if other_int8.is_file():
+            runners["other-ort-cpu-int8"] = ort_runner(other_int8, args.threads)
     return runners
 
 
@@ -165,6 +172,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
         "load_before": os.getloadavg(), "threads": args.threads, "model": str(args.model),
+        "compare": str(args.compare) if args.compare else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__},
         "providers": ort.get_available_providers(), "engines": list(runners),
@@ -217,6 +225,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=Path("weights/model.onnx"), help="fp32 ONNX + model.json")
     p.add_argument("--checkpoint", help="best.pt for PyTorch (default: the architecture, random weights)")
     p.add_argument("--int8", default="weights/model.int8.onnx", help="int8 ONNX, where it exists")
+    p.add_argument("--compare", type=Path, help="another model.onnx (and the model.int8.onnx beside it) "
+                   "timed in the same rounds, as other-ort-cpu(-int8)")
     p.add_argument("--bf16", action="store_true", help="also PyTorch eager under bf16 autocast")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="skip the CUDA provider")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])

@@ -1,5 +1,6 @@
-"""The shipped int8 model, where there is one: it belongs to the shipped fp32 model, passed its Dice
-bound, and the service serves it with masks that agree with the fp32 model's."""
+"""The shipped int8 models, where there are: each belongs to the fp32 model beside it (the default in
+`weights/`, the narrower 2.0.0 in `weights/2.0.0/`), passed its Dice bound, and the service serves it
+with masks that agree with the fp32 model's."""
 
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ pytestmark = pytest.mark.skipif(not (INT8.is_file() and FP32.is_file()),
                                 reason="weights/model.int8.onnx is not there (wbc-quantize writes it)")
 
 
-def test_int8_model_was_made_from_the_shipped_model_and_passed_its_bound() -> None:
-    meta = json.loads(INT8.with_suffix(".json").read_text())
-    verify_model_file(INT8, ModelMetadata.load(INT8.with_suffix(".json")))
-    fp32 = json.loads(FP32.with_name("model.json").read_text())
-    assert meta["quantization"]["source"]["sha256"] == fp32["sha256"] == sha256_file(FP32), \
-        "weights/model.onnx changed since the int8 model was made: run wbc-quantize again"
+SHIPPED_FOLDERS = [folder for folder in (REPO / "weights", REPO / "weights" / "2.0.0")
+                   if (folder / "model.int8.onnx").is_file()]
+
+
+@pytest.mark.parametrize("folder", SHIPPED_FOLDERS, ids=lambda f: f.relative_to(REPO).as_posix())
+def test_int8_model_was_made_from_the_shipped_model_and_passed_its_bound(folder: Path) -> None:
+    int8, fp32_path = folder / "model.int8.onnx", folder / "model.onnx"
+    meta = json.loads(int8.with_suffix(".json").read_text())
+    verify_model_file(int8, ModelMetadata.load(int8.with_suffix(".json")))
+    verify_model_file(fp32_path, ModelMetadata.load(folder / "model.json"))
+    fp32 = json.loads((folder / "model.json").read_text())
+    assert meta["quantization"]["source"]["sha256"] == fp32["sha256"] == sha256_file(fp32_path), \
+        f"{fp32_path} changed since the int8 model was made: run wbc-quantize again"
     validation = meta["quantization"]["validation"]
     assert validation["accepted"] is True
     assert all(d["delta"] >= -validation["max_dice_drop"] for d in validation["dice"].values())
