@@ -65,14 +65,14 @@ def _input_map(name: str, old_in: int, new_in: int,
 
 
 def _widen_weight(weight: torch.Tensor, out_map: torch.Tensor, in_source: torch.Tensor,
-                  in_copy: torch.Tensor, split: bool, generator: torch.Generator) -> torch.Tensor:
-    """`weight` as `(out, in, kh, kw)`: rows copied, columns copied and split between their copies."""
+                  in_copy: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`weight` as `(out, in, kh, kw)`: rows copied, columns copied and, where the input was widened,
+    split between their copies."""
     wide = weight[out_map][:, in_source].clone()
-    if split:
+    if len(in_source) != weight.shape[1]:
         share = torch.empty(wide.shape[0], weight.shape[1], *wide.shape[2:]).uniform_(
-            0.25, 0.75, generator=generator)
-        factor = torch.where(in_copy.view(1, -1, 1, 1) == 0, share[:, in_source], 1 - share[:, in_source])
-        wide *= factor
+            0.25, 0.75, generator=generator)[:, in_source]
+        wide *= torch.where(in_copy.view(1, -1, 1, 1) == 0, share, 1 - share)
     return wide
 
 
@@ -80,8 +80,7 @@ def widen_model(old: nn.Module, new: nn.Module, seed: int = 0) -> None:
     """Load into `new` (the same architecture at twice the base width) the function of `old`."""
     generator = torch.Generator().manual_seed(seed)
     new_modules = dict(new.named_modules())
-    out_maps: dict[str, torch.Tensor] = {}
-    last_out: torch.Tensor | None = None
+    last_width: int | None = None  # output channels of the last convolution, for the BatchNorm after it
     with torch.no_grad():
         for name, module in old.named_modules():
             target = new_modules[name]
@@ -91,15 +90,13 @@ def widen_model(old: nn.Module, new: nn.Module, seed: int = 0) -> None:
                 new_weight = target.weight.transpose(0, 1) if transposed else target.weight
                 out_map, _ = _channel_map(weight.shape[0], new_weight.shape[0])
                 in_source, in_copy = _input_map(name, weight.shape[1], new_weight.shape[1], old)
-                wide = _widen_weight(weight, out_map, in_source, in_copy,
-                                     split=new_weight.shape[1] != weight.shape[1], generator=generator)
-                new_weight.copy_(wide)
+                new_weight.copy_(_widen_weight(weight, out_map, in_source, in_copy, generator))
                 if module.bias is not None:
                     target.bias.copy_(module.bias[out_map])
-                out_maps[name] = last_out = out_map
+                last_width = len(out_map)
             elif isinstance(module, nn.BatchNorm2d):
                 out_map, _ = _channel_map(module.num_features, target.num_features)
-                if last_out is not None and len(last_out) != len(out_map):
+                if last_width is not None and last_width != len(out_map):
                     raise ValueError(f"{name}: does not follow a convolution of its width")
                 for attribute in ("weight", "bias", "running_mean", "running_var"):
                     getattr(target, attribute).copy_(getattr(module, attribute)[out_map])

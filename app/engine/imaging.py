@@ -265,9 +265,9 @@ def encode_overlay_png(image: np.ndarray, mask: np.ndarray, instances: np.ndarra
                        labels: Sequence[tuple[int, tuple[float, float]]] = ()) -> bytes:
     """The overlay of `mask` (and numbered cells) on `(H, W, 3)` RGB `image`, as an RGB PNG (encoded by
     OpenCV from the array: Pillow would first copy it into 4 bytes a pixel)."""
-    bgr = overlay(image, mask, instances, labels)
-    cv2.cvtColor(bgr, cv2.COLOR_RGB2BGR, dst=bgr)
-    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    pixels = overlay(image, mask, instances, labels)
+    cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR, dst=pixels)  # OpenCV writes BGR; in place, no second copy
+    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise RuntimeError("OpenCV could not encode the overlay")
     return encoded.tobytes()

@@ -292,9 +292,7 @@ def parse_request(body: bytes, header_length: str | None, max_file_bytes: int) -
         PayloadTooLargeError: (413) a file over `max_file_bytes`, a JSON part over `MAX_JSON_BYTES`.
     """
     length = len(body) if header_length is None else byte_count(header_length)
-    if length is None:
-        length = -1
-    if not 0 <= length <= len(body):
+    if length is None or not 0 <= length <= len(body):
         raise MalformedRequestError(f"{HEADER_LENGTH} must be a byte count within the body.")
     _check_json_length(length)
     try:
