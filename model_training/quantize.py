@@ -56,6 +56,7 @@ class QuantizeConfig:
     quant_format: str = "qdq"
     activation_type: str = "uint8"              # uint8 × int8 weights: the VNNI kernels of x86 CPUs
     per_channel: bool = True
+    reduce_range: bool = True                   # 7-bit weights: exact on x86 CPUs with or without VNNI
     seed: int = 0
     max_dice_drop: float = 0.003
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -124,7 +125,8 @@ def quantize_file(source: Path, target: Path, input_name: str, tensors: Sequence
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(target), TensorReader(input_name, tensors),
                         quant_format=quant_format, per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
-                        activation_type=activation_type, calibrate_method=methods[cfg.calibration_method])
+                        activation_type=activation_type, calibrate_method=methods[cfg.calibration_method],
+                        reduce_range=cfg.reduce_range)
 
 
 def dice_comparison(fp32: dict[str, Any], int8: dict[str, Any], max_drop: float) -> dict[str, Any]:
@@ -187,7 +189,8 @@ def int8_metadata(fp32_meta: ModelMetadata, path: Path, cfg: QuantizeConfig, cal
     keys = ("label", "kind", "sha256", "split", "image_count", "image_counts", "overall", "per_source")
     evaluation = ({k: int8_entry[k] for k in keys if k in int8_entry} if int8_entry else {})
     settings = {k: v for k, v in asdict(cfg).items()
-                if k in ("calibration_method", "quant_format", "activation_type", "per_channel", "seed")}
+                if k in ("calibration_method", "quant_format", "activation_type", "per_channel",
+                         "reduce_range", "seed")}
     return fp32_meta.model_copy(update={
         "file": path.name, "sha256": sha256_file(path), "version": f"{fp32_meta.version}+int8",
         "evaluation": evaluation,
@@ -281,6 +284,9 @@ def parse_args(argv: Sequence[str] | None = None) -> QuantizeConfig:
     p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=d.activation_type)
     p.add_argument("--per-tensor", dest="per_channel", action="store_false",
                    help="one weight scale per tensor instead of per output channel")
+    p.add_argument("--full-range", dest="reduce_range", action="store_false",
+                   help="8-bit weights instead of 7: only for CPUs with VNNI; on other x86 CPUs the "
+                        "8-bit products saturate and the masks break")
     p.add_argument("--seed", type=int, default=d.seed, help="which training images calibrate")
     p.add_argument("--max-dice-drop", type=float, default=d.max_dice_drop)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))

@@ -168,7 +168,13 @@ class ModelInfo(BaseModel):
         default=None, description="stain normalisation the engine applies first; null: none")
     sha256: str
     opset: int
-    file: str = Field(description="The model file served: model.int8.onnx on the CPU when its gate passed")
+    file: str = Field(description="The model file served: model.int8.onnx on the CPU when its gate passed "
+                                  "and it agrees with the fp32 model on this CPU")
+    int8_agreement: float | None = Field(
+        default=None,
+        description="Least share of pixels of drawn crops to which the int8 variant gave the fp32 model's "
+                    "class at start-up on this CPU (below 0.98 it is not served); null when no int8 variant "
+                    "was considered")
     provider: str
     providers: list[str]
     evaluation: dict[str, Any]

@@ -20,6 +20,8 @@ import onnxruntime as ort
 
 from app.engine.contract import CLASS_NAMES, ModelMetadata, metadata_path, verify_model_file
 from app.engine.errors import ModelLoadError
+from app.engine.smear import make_sample
+from app.engine.transform import InputTransform
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,13 @@ CPU = "CPUExecutionProvider"
 #: Most images per run by provider. On the CPU a batch of 8 is no faster per image than one image at a
 #: time (docs/benchmarks.md); on a GPU a batch costs little more than one image.
 AUTO_BATCH_SIZE = {CUDA: 8, CPU: 1}
+
+#: Least share of pixels of each drawn crop to which an int8 variant must give the fp32 model's class
+#: before it is served. A variant quantized with 8-bit weights gives 0.26–0.52 on x86 CPUs without VNNI
+#: (its products saturate); a sound one gives 0.99 or more on either kind of CPU (docs/benchmarks.md).
+INT8_MIN_AGREEMENT = 0.98
+#: Drawn crops (`smear.make_sample` seeds) of that check.
+INT8_CHECK_SEEDS = (0, 1, 2)
 
 
 def available_cpus() -> int:
@@ -150,6 +159,45 @@ def served_file(config: ModelConfig, on_cpu: bool) -> Path:
     return variant if gate else path
 
 
+def int8_agreement(int8: ort.InferenceSession, fp32: ort.InferenceSession, metadata: ModelMetadata) -> float:
+    """The least share of pixels, over drawn smear-like crops (`INT8_CHECK_SEEDS`), to which the int8
+    session gives the fp32 session's class; one crop per run, as the CPU serves them."""
+    height, width = metadata.input.size
+    transform = InputTransform.from_metadata(metadata)
+    feed, output = metadata.input.name, metadata.output.name
+    worst = 1.0
+    for seed in INT8_CHECK_SEEDS:
+        x = transform(make_sample((height, width), seed)[0])[None]
+        a, b = (session.run([output], {feed: x})[0].argmax(1) for session in (fp32, int8))
+        worst = min(worst, float((a == b).mean()))
+    return worst
+
+
+def _session(path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime's errors carry no common type
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+def _checked_int8(variant: Path, fp32_path: Path, providers: list[Any]) -> float:
+    """`int8_agreement` of `variant` with the fp32 model it was made from, on this CPU; a warning when it
+    is below `INT8_MIN_AGREEMENT` (the fp32 model is then served)."""
+    metadata = ModelMetadata.load(metadata_path(variant))
+    verify_model_file(variant, metadata)
+    verify_model_file(fp32_path, ModelMetadata.load(metadata_path(fp32_path)))
+    agreement = int8_agreement(_session(variant, 0, providers), _session(fp32_path, 0, providers), metadata)
+    if agreement < INT8_MIN_AGREEMENT:
+        logger.warning("not serving %s: on this CPU it gives the fp32 model's class to only %.1f %% of the "
+                       "pixels of a drawn crop (%.0f %% needed), so %s is served. Quantize it again with "
+                       "wbc-quantize, which keeps weights to 7 bits.", variant.name, 100 * agreement,
+                       100 * INT8_MIN_AGREEMENT, fp32_path.name)
+    else:
+        logger.info("%s agrees with %s on %.2f %% of the pixels of drawn crops", variant.name,
+                    fp32_path.name, 100 * agreement)
+    return agreement
+
+
 class Model:
     """An onnxruntime session of one exported model and its metadata: `(N, 3, h, w)` → logits.
 
@@ -164,6 +212,8 @@ class Model:
         self.path = path
         self.workers = workers
         self.max_batch_size = max_batch_size or AUTO_BATCH_SIZE.get(self.provider, 1)
+        #: `int8_agreement` of the int8 variant at start-up, when the CPU was to serve one; else None.
+        self.int8_agreement: float | None = None
         order = [metadata.classes.index(name) for name in CLASS_NAMES]
         self._order = None if order == list(range(len(order))) else order
         self._check_io()
@@ -178,19 +228,22 @@ class Model:
         providers = requested_providers(config.device, config.cuda_device_id)
         on_cpu = providers == [CPU]
         path = served_file(config, on_cpu)
+        agreement = None
+        if path != config.model_path:  # the int8 variant, chosen by `served_file`
+            agreement = _checked_int8(path, config.model_path, providers)
+            if agreement < INT8_MIN_AGREEMENT:
+                path = config.model_path
         metadata = ModelMetadata.load(config.metadata_path or metadata_path(path))
         verify_model_file(path, metadata)
         cpus = config.intra_op_threads or available_cpus()
         workers = config.inference_workers or auto_workers(on_cpu, metadata, cpus)
         # Concurrent runs of one session share its thread pool; each gets its share of the cores.
         threads = max(1, cpus // workers) if on_cpu else cpus
-        try:
-            session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
-        except Exception as exc:  # onnxruntime's errors carry no common type
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        session = _session(path, threads, providers)
         if config.device == "cuda" and session.get_providers()[0] != CUDA:
             raise ModelLoadError("device=cuda, but the session fell back to the CPU")
         model = cls(session, metadata, path, config.max_batch_size, workers)
+        model.int8_agreement = agreement
         model.warm_up(config.warmup_runs)
         logger.info("model %s %s (%s) loaded on %s, %d run(s) at once on %d thread(s) each", metadata.name,
                     metadata.version, path.name, model.provider, workers, threads)

@@ -42,6 +42,8 @@ def test_int8_model_has_quantized_convolutions_and_keeps_float_io(accepted: Quan
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= ops["Conv"], "every convolution's weight is int8"
+    largest = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int16)).max()) for t in int8_weights)
+    assert largest <= 64, "7-bit weights: the products of x86 CPUs without VNNI cannot saturate"
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
@@ -55,6 +57,7 @@ def test_int8_metadata_records_calibration_scores_and_speed(accepted: QuantizeRe
     q = meta["quantization"]
     assert q["source"]["sha256"] == fp32["sha256"]
     assert q["quant_format"] == "qdq" and q["per_channel"] is True and q["activation_type"] == "uint8"
+    assert q["reduce_range"] is True
     assert q["calibration"]["count"] == 8 == len(q["calibration"]["images"])
     assert not set(q["calibration"]["images"]) & set(fp32["training"]["val_names"]), \
         "calibration images come from the training side of the split only"

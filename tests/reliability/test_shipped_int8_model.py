@@ -1,6 +1,7 @@
 """The shipped int8 models, where there are: each belongs to the fp32 model beside it (the default in
-`weights/`, the narrower 2.0.0 in `weights/2.0.0/`), passed its Dice bound, and the service serves it
-with masks that agree with the fp32 model's."""
+`weights/`, the narrower 2.0.0 in `weights/2.0.0/`), passed its Dice bound, gives the fp32 model's
+classes on the CPU that runs the tests (whether or not it has VNNI), and the service serves it with masks
+that agree with the fp32 model's."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from PIL import Image
 from support.service import png_array, running, upload
 
 from app.api.settings import Settings
 from app.engine.contract import ModelMetadata, sha256_file, verify_model_file
+from app.engine.session import CPU, INT8_MIN_AGREEMENT, int8_agreement
+from app.engine.transform import InputTransform
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = REPO / "weights" / "model.onnx"
@@ -41,6 +46,20 @@ def test_int8_model_was_made_from_the_shipped_model_and_passed_its_bound(folder:
     assert validation["accepted"] is True
     assert all(d["delta"] >= -validation["max_dice_drop"] for d in validation["dice"].values())
     assert meta["version"] == f"{fp32['version']}+int8"
+
+
+@pytest.mark.parametrize("folder", SHIPPED_FOLDERS, ids=lambda f: f.relative_to(REPO).as_posix())
+def test_int8_model_gives_the_fp32_classes_on_this_cpu(folder: Path) -> None:
+    meta = ModelMetadata.load(folder / "model.int8.json")
+    assert meta.quantization["reduce_range"] is True, "8-bit weights saturate on x86 CPUs without VNNI"
+    int8, fp32 = (ort.InferenceSession(str(folder / name), providers=[CPU])
+                  for name in ("model.int8.onnx", "model.onnx"))
+    assert int8_agreement(int8, fp32, meta) >= INT8_MIN_AGREEMENT, "the engine's start-up check"
+    transform = InputTransform.from_metadata(meta)
+    for path in EXAMPLES:
+        x = transform(np.asarray(Image.open(path).convert("RGB")))[None]
+        a, b = (s.run(None, {meta.input.name: x})[0].argmax(1) for s in (fp32, int8))
+        assert (a == b).mean() >= 0.99, path.name
 
 
 def _masks(settings: Settings) -> dict[str, np.ndarray]:

@@ -27,7 +27,8 @@ async def get_model(state: StateDep) -> ModelInfo:
         stain_normalization=None if meta.stain is None else StainInfo(
             method=meta.stain.method, space=meta.stain.space, mean=list(meta.stain.mean),
             std=list(meta.stain.std)),
-        sha256=meta.sha256, opset=meta.opset, file=model.path.name, provider=model.provider,
+        sha256=meta.sha256, opset=meta.opset, file=model.path.name,
+        int8_agreement=model.int8_agreement, provider=model.provider,
         providers=model.providers,
         evaluation=meta.evaluation, created=meta.created,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable
@@ -92,13 +93,31 @@ def test_on_the_cpu_concurrent_requests_run_one_by_one_by_default(
     assert images.group(1) == runs.group(1), "every run held one image"
 
 
-def _with_int8_variant(tiny_model_dir: Path, folder: Path, accepted: bool | None) -> Path:
+def _negated(source: Path, target: Path) -> None:
+    """`source` with its logits negated: every pixel's class changes, as in a variant whose int8 products
+    saturate on the CPU that runs it."""
+    import onnx
+
+    graph_model = onnx.load(str(source))
+    output = graph_model.graph.output[0].name
+    for node in graph_model.graph.node:
+        node.output[:] = [f"{output}_raw" if name == output else name for name in node.output]
+    graph_model.graph.node.append(onnx.helper.make_node("Neg", [f"{output}_raw"], [output]))
+    onnx.save(graph_model, str(target))
+
+
+def _with_int8_variant(tiny_model_dir: Path, folder: Path, accepted: bool | None,
+                       broken: bool = False) -> Path:
     """A model folder with the tiny model as `model.onnx` and a copy of it as `model.int8.onnx` whose
-    metadata records the given gate verdict (None: no quantization block at all)."""
+    metadata records the given gate verdict (None: no quantization block at all); `broken`: the copy's
+    logits are negated."""
     folder.mkdir()
     shutil.copy(tiny_model_dir / "model.onnx", folder / "model.onnx")
     shutil.copy(tiny_model_dir / "model.json", folder / "model.json")
-    shutil.copy(tiny_model_dir / "model.onnx", folder / "model.int8.onnx")
+    if broken:
+        _negated(tiny_model_dir / "model.onnx", folder / "model.int8.onnx")
+    else:
+        shutil.copy(tiny_model_dir / "model.onnx", folder / "model.int8.onnx")
     meta = json.loads((tiny_model_dir / "model.json").read_text())
     meta.update(file="model.int8.onnx", version=meta["version"] + "+int8",
                 sha256=sha256_file(folder / "model.int8.onnx"))
@@ -135,6 +154,24 @@ def test_the_service_says_which_model_file_and_version_it_serves(
     with running(settings_for(model_path=path, device="cpu", precision="fp32")) as client:
         assert client.get("/v1/model").json()["file"] == "model.onnx"
         assert not client.get("/health/ready").json()["version"].endswith("+int8")
+
+
+def test_an_int8_variant_that_disagrees_with_fp32_on_this_cpu_is_not_served(
+        tiny_model_dir: Path, tmp_path: Path, settings_for: Callable[..., Settings], png_bytes: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
+    sound = Model.open(ModelConfig(_with_int8_variant(tiny_model_dir, tmp_path / "ok", accepted=True),
+                                   device="cpu", warmup_runs=0))
+    assert sound.path.name == "model.int8.onnx" and sound.int8_agreement == 1.0
+    path = _with_int8_variant(tiny_model_dir, tmp_path / "m", accepted=True, broken=True)
+    assert served_file(ModelConfig(path), on_cpu=True).name == "model.int8.onnx", "its gate passed"
+    with caplog.at_level(logging.WARNING, logger="app"), \
+            running(settings_for(model_path=path, device="cpu")) as client:
+        model = client.get("/v1/model").json()
+        result = client.post("/v1/segment", files={"file": ("a.png", png_bytes)}).json()
+    assert model["file"] == "model.onnx" and not model["version"].endswith("+int8")
+    assert model["int8_agreement"] < session.INT8_MIN_AGREEMENT
+    assert result["model"]["version"] == model["version"]
+    assert any("not serving model.int8.onnx" in r.getMessage() for r in caplog.records)
 
 
 def test_a_variant_with_broken_metadata_is_ignored_not_fatal(tiny_model_dir: Path, tmp_path: Path) -> None:
