@@ -54,9 +54,10 @@ SCALES = (0.5, 1.0, 2.0)
 AREA_TOLERANCE = 0.10
 
 
-def open_engine(model: Path) -> Engine:
-    """The engine on the CPU, one thread, one inference worker."""
-    return Engine.open(ModelConfig(model, device="cpu", intra_op_threads=1, inference_workers=1),
+def open_engine(model: Path, tta: str = "none") -> Engine:
+    """The engine on the CPU, one thread, one inference worker, with test-time augmentation `tta`."""
+    return Engine.open(ModelConfig(model, device="cpu", intra_op_threads=1, inference_workers=1,
+                                   tta=tta),  # type: ignore[arg-type]
                        100_000_000)  # largest pixel count (positional: the signature is changing)
 
 
@@ -301,10 +302,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "weights" / "model.onnx")
     parser.add_argument("--crops", type=Path, default=Path("/tmp/cells_fp"), help="validation error crops")
     parser.add_argument("--scale-fields", type=int, default=8, help="validation fields for the scale check")
+    parser.add_argument("--tta", choices=("none", "mirror", "dihedral"), default="none",
+                        help="the engine's test-time augmentation")
     args = parser.parse_args()
-    engine = open_engine(args.model)
+    engine = open_engine(args.model, args.tta)
     train, val, boxes = load_bccd()
-    print(f"# Whole-engine study\n\nModel: `{engine.model.path.name}` on the CPU, 1 thread. "
+    print(f"# Whole-engine study\n\nModel: `{engine.model.path.name}` on the CPU, 1 thread, test-time "
+          f"augmentation {engine.model.tta}. "
           f"BCCD: {len(train)} training, {len(val)} validation fields; WBC boxes: "
           f"{sum(len(boxes.get(n, [])) for n in train)} / {sum(len(boxes.get(n, [])) for n in val)}.\n")
 

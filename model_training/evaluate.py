@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.engine.augment import MODES, Mode, check_mode
 from model_training.data import Sample, split_samples
 from model_training.loading import LoadedModel, load_model
 from model_training.metrics import average_score, region_scores, summarize
@@ -61,6 +62,7 @@ class EvaluateConfig:
     device: str = "auto"
     threads: int = 0
     per_cell: bool = False                  # score the primary cell of the per-cell path
+    tta: str = "none"                       # the engine's test-time augmentation (app.engine.augment)
 
 
 def data_config(model: LoadedModel, cfg: EvaluateConfig) -> TrainConfig:
@@ -111,7 +113,7 @@ def select_split(samples: Sequence[Sample], split: str, train_cfg: TrainConfig,
 
 
 def score_model(model: LoadedModel, samples: Sequence[Sample], device: torch.device,
-                per_cell: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                per_cell: bool = False, tta: Mode = "none") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Predict and score every sample at its own resolution, as the service would return its mask.
 
     Args:
@@ -120,6 +122,7 @@ def score_model(model: LoadedModel, samples: Sequence[Sample], device: torch.dev
         device: where the model runs.
         per_cell: score the primary cell of the service's per-cell path instead of the whole image
             (the expert masks hold the crop's centred cell).
+        tta: the engine's test-time augmentation (`app.engine.augment`).
 
     Returns:
         The model's report entry (overall and per-source summaries, per-image scores) and its
@@ -128,13 +131,13 @@ def score_model(model: LoadedModel, samples: Sequence[Sample], device: torch.dev
     per_image, predictions = [], {}
     for s in tqdm(samples, desc=model.label, unit="img", leave=False):
         predict = predict_primary_cell if per_cell else predict_labels
-        pred = predict(model.module, s.image, model.transform, device)
+        pred = predict(model.module, s.image, model.transform, device, tta)
         scores = region_scores(pred, s.label)
         predictions[f"{s.source}/{s.name}"] = pred
         per_image.append({"source": s.source, "name": s.name, "height": int(s.label.shape[0]),
                           "width": int(s.label.shape[1]), "average": average_score(scores), "scores": scores})
     sources = sorted({row["source"] for row in per_image})
-    entry = {"label": model.label, "kind": model.kind, "path": str(model.path), **model.info,
+    entry = {"label": model.label, "kind": model.kind, "path": str(model.path), **model.info, "tta": tta,
              "input_size": model.input_size, "image_count": len(per_image),
              "image_counts": {src: sum(r["source"] == src for r in per_image) for src in sources},
              "overall": summarize(r["scores"] for r in per_image),
@@ -195,7 +198,7 @@ def score_all(cfg: EvaluateConfig, device: torch.device) -> tuple[list[dict[str,
         if key not in cache:
             cache[key] = load_samples(train_cfg)
         samples = select_split(cache[key], cfg.split, train_cfg, model.val_names)
-        entry, preds = score_model(model, samples, device, cfg.per_cell)
+        entry, preds = score_model(model, samples, device, cfg.per_cell, cfg.tta)  # type: ignore[arg-type]
         entries.append({**entry, "split": cfg.split, "data": data, "group": group_name(entry, cfg.group_by)})
         predictions.append(preds)
         first_samples = first_samples or {f"{s.source}/{s.name}": s for s in samples}
@@ -216,6 +219,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     Raises:
         ValueError: for an unknown split or grouping, no model, or both `data` and `synthetic`.
     """
+    check_mode(cfg.tta, (1, 1))  # type: ignore[arg-type]
     if cfg.split not in SPLITS or cfg.group_by not in GROUP_BY:
         raise ValueError(f"split must be one of {SPLITS} and group_by one of {GROUP_BY}")
     if not cfg.models:
@@ -227,6 +231,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     entries, examples = score_all(cfg, _device(cfg.device))
     groups = group_runs(entries)
     report = {"schema_version": 1, "created": _now(), "split": cfg.split, "per_cell": cfg.per_cell,
+              "tta": cfg.tta,
               "average_score": AVERAGE_SCORE_DEFINITION, "warnings": _warnings(entries), "models": entries,
               "groups": groups, "comparisons": compare_groups(groups)}
     out = Path(cfg.out)
@@ -284,6 +289,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     p.add_argument("--per-cell", action="store_true",
                    help="score the primary cell the service finds (finder, windows at the model's scale, "
                         "stitching) instead of the whole-image mask")
+    p.add_argument("--tta", choices=MODES, default="none",
+                   help="the engine's test-time augmentation: mirror (4 runs) or dihedral (8 runs)")
     return EvaluateConfig(**vars(p.parse_args(argv)))
 
 

@@ -177,5 +177,7 @@ class ModelInfo(BaseModel):
                     "was considered")
     provider: str
     providers: list[str]
+    tta: str = Field(description="Test-time augmentation of every run: none, mirror (4 runs) or dihedral "
+                                 "(8 runs; WBC_TTA, default dihedral on CUDA and none on the CPU)")
     evaluation: dict[str, Any]
     created: str | None

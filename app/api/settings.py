@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # auto: on the CPU, the int8 variant beside the model when its Dice gate passed; fp32: never int8.
     precision: Literal["auto", "fp32"] = "auto"
     intra_op_threads: int = Field(default_factory=available_cpus, ge=1)
+    # Test-time augmentation (engine.augment); auto: dihedral on CUDA, none on the CPU.
+    tta: Literal["auto", "none", "mirror", "dihedral"] = "auto"
     warmup_runs: int = Field(default=1, ge=0)
 
     # Inference queue and micro-batching.
@@ -113,7 +115,8 @@ class Settings(BaseSettings):
         return ModelConfig(model_path=self.model_path, metadata_path=self.metadata_path, device=self.device,
                            cuda_device_id=self.cuda_device_id, intra_op_threads=self.intra_op_threads,
                            precision=self.precision, max_batch_size=self.max_batch_size,
-                           inference_workers=self.inference_workers, warmup_runs=self.warmup_runs)
+                           inference_workers=self.inference_workers, warmup_runs=self.warmup_runs,
+                           tta=self.tta)
 
 
 @lru_cache

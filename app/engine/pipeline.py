@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.augment import augmented
 from app.engine.cells import Cell, Infer, Stitcher, measure_cells, primary_cell, segment_cells
 from app.engine.contract import ModelMetadata
 from app.engine.errors import ClientGoneError, ImageTooLargeError, ServiceError, TooManyCellsError
@@ -210,7 +211,7 @@ class Engine:
         """Segment files in upload order; a file that fails becomes a `Failure` in its place and never
         stops the others (see `segment` for the arguments; `cells`: the request's `cell_budget`, shared
         by every call that segments part of its files)."""
-        checked = _checked(infer or self.infer, cancelled)
+        checked = augmented(_checked(infer or self.infer, cancelled), self.model.tta)
         return [self._segment_one(upload, options, checked, cancelled, cells) for upload in uploads]
 
     def cell_budget(self) -> CellBudget | None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
+from app.engine.augment import Mode, check_mode
 from app.engine.contract import CLASS_NAMES, ModelMetadata, metadata_path, verify_model_file
 from app.engine.errors import ModelLoadError
 from app.engine.smear import make_sample
@@ -73,6 +74,8 @@ class ModelConfig:
         precision: "auto" serves the gated int8 variant beside an fp32 model on the CPU; "fp32" never.
         max_batch_size: most images per run; default by provider (`AUTO_BATCH_SIZE`).
         inference_workers: runs that may go on at once; default `auto_workers`.
+        tta: test-time augmentation (`augment`); "auto": `dihedral` on CUDA, where eight runs of a
+            batch cost little, `none` on the CPU.
     """
 
     model_path: Path
@@ -84,6 +87,7 @@ class ModelConfig:
     max_batch_size: int | None = None
     inference_workers: int | None = None
     warmup_runs: int = 1
+    tta: Literal["auto", "none", "mirror", "dihedral"] = "auto"
 
 
 def auto_workers(on_cpu: bool, metadata: ModelMetadata, cpus: int) -> int:
@@ -173,6 +177,17 @@ def int8_agreement(int8: ort.InferenceSession, fp32: ort.InferenceSession, metad
     return worst
 
 
+def _tta_mode(setting: str, provider: str, metadata: ModelMetadata) -> Mode:
+    size = (int(metadata.input.size[0]), int(metadata.input.size[1]))
+    mode: Mode = ("dihedral" if size[0] == size[1] else "mirror") if provider == CUDA else "none"
+    mode = mode if setting == "auto" else setting  # type: ignore[assignment]
+    try:
+        check_mode(mode, size)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return mode
+
+
 def _session(path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers)
@@ -214,6 +229,8 @@ class Model:
         self.max_batch_size = max_batch_size or AUTO_BATCH_SIZE.get(self.provider, 1)
         #: `int8_agreement` of the int8 variant at start-up, when the CPU was to serve one; else None.
         self.int8_agreement: float | None = None
+        #: The test-time augmentation the engine applies to this model's runs (`augment`).
+        self.tta: Mode = "none"
         order = [metadata.classes.index(name) for name in CLASS_NAMES]
         self._order = None if order == list(range(len(order))) else order
         self._check_io()
@@ -244,6 +261,7 @@ class Model:
             raise ModelLoadError("device=cuda, but the session fell back to the CPU")
         model = cls(session, metadata, path, config.max_batch_size, workers)
         model.int8_agreement = agreement
+        model.tta = _tta_mode(config.tta, model.provider, metadata)
         model.warm_up(config.warmup_runs)
         logger.info("model %s %s (%s) loaded on %s, %d run(s) at once on %d thread(s) each", metadata.name,
                     metadata.version, path.name, model.provider, workers, threads)

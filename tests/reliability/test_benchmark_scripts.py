@@ -49,3 +49,16 @@ def test_bench_load_measures_both_endpoints_with_batching_on_and_off(tiny_model_
                 row = summary[f"{endpoint}|{c}|{mode}"]
                 assert row["statuses"] == {"200": row["statuses"]["200"]} and row["images_per_s"] > 0
     assert {"raw|1", "raw|2"} <= set(summary)
+
+
+def test_bench_tta_times_the_three_modes_side_by_side(tiny_model_dir: Path) -> None:
+    run = _run("bench_tta.py", "--model", str(tiny_model_dir / "model.onnx"), "--rounds", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| crop", "| generated"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        none_ms, mirror_ms, dihedral_ms, mirror_ratio, dihedral_ratio = map(float, cells[1:6])
+        assert min(none_ms, mirror_ms, dihedral_ms) > 0
+        assert mirror_ratio == pytest.approx(mirror_ms / none_ms, rel=0.05, abs=0.01)
+        assert dihedral_ratio == pytest.approx(dihedral_ms / none_ms, rel=0.05, abs=0.01)

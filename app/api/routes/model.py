@@ -29,6 +29,6 @@ async def get_model(state: StateDep) -> ModelInfo:
             std=list(meta.stain.std)),
         sha256=meta.sha256, opset=meta.opset, file=model.path.name,
         int8_agreement=model.int8_agreement, provider=model.provider,
-        providers=model.providers,
+        providers=model.providers, tta=model.tta,
         evaluation=meta.evaluation, created=meta.created,
     )
