@@ -1,10 +1,10 @@
 """Test-time augmentation: every batch of windows also runs mirrored (`mirror`, as nnU-Net does at
 inference) or under all eight symmetries of the square (`dihedral`: mirrored and transposed; a smear has
-no up or right). Each run's class probabilities are mapped back and averaged.
+no up or right). Each run's logits are mapped back and averaged, as nnU-Net averages its mirrored runs.
 
-The runs go one after another through the same `infer`, so memory holds one batch's inputs and logits
-plus the running sum, not eight batches. The result stays in `Infer`'s form: log-probabilities, which
-every later step (argmax, softmax scores) reads as logits.
+All the symmetries of a batch go to `infer` as one stacked batch, so the service's batcher sees one job
+per batch of windows (no extra queue waits) and fills its model runs; memory holds the stacked inputs
+and logits of one batch of windows (`cells.RUN_CHUNK` windows × the runs).
 """
 
 from __future__ import annotations
@@ -49,27 +49,20 @@ def check_mode(mode: Mode, size: tuple[int, int]) -> None:
                          f"{size[0]}×{size[1]}")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def augmented(infer: Infer, mode: Mode) -> Infer:
-    """`infer` with test-time augmentation `mode` (`infer` itself for `none`); the run time reported
-    is the sum of the runs'."""
+    """`infer` with test-time augmentation `mode` (`infer` itself for `none`)."""
     if mode == "none":
         return infer
     pairs = symmetries(mode)
 
     def run(images: np.ndarray) -> tuple[np.ndarray, float]:
-        total: np.ndarray | None = None
-        run_ms = 0.0
-        for forward, back in pairs:
-            logits, ms = infer(np.ascontiguousarray(forward(images)))
-            probabilities = _softmax(back(logits).astype(np.float32, copy=False))
-            total = probabilities if total is None else total + probabilities
-            run_ms += ms
-        assert total is not None
-        return np.log(np.maximum(total / len(pairs), 1e-7)), run_ms
+        count = len(images)
+        stacked = np.concatenate([forward(images) for forward, _ in pairs])
+        logits, run_ms = infer(stacked)
+        total = np.zeros((count, *logits.shape[1:]), np.float32)
+        for k, (_, back) in enumerate(pairs):
+            total += back(logits[k * count:(k + 1) * count])
+        total /= len(pairs)
+        return total, run_ms
 
     return run

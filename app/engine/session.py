@@ -195,22 +195,49 @@ def _session(path: Path, threads: int, providers: list[Any]) -> ort.InferenceSes
         raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
 
 
-def _checked_int8(variant: Path, fp32_path: Path, providers: list[Any]) -> float:
-    """`int8_agreement` of `variant` with the fp32 model it was made from, on this CPU; a warning when it
-    is below `INT8_MIN_AGREEMENT` (the fp32 model is then served)."""
-    metadata = ModelMetadata.load(metadata_path(variant))
-    verify_model_file(variant, metadata)
-    verify_model_file(fp32_path, ModelMetadata.load(metadata_path(fp32_path)))
-    agreement = int8_agreement(_session(variant, 0, providers), _session(fp32_path, 0, providers), metadata)
+def _fp32_beside(variant: Path) -> Path | None:
+    """The fp32 `model.onnx` an int8 `model.int8.onnx` was made from, if it lies beside it."""
+    if ".int8" not in variant.suffixes:
+        return None
+    fp32 = variant.with_name(variant.name.replace(".int8", ""))
+    return fp32 if fp32.is_file() else None
+
+
+def _int8_or_fp32(variant: Path, fp32_path: Path, providers: list[Any],
+                  threads: int) -> tuple[Path, float | None]:
+    """The file to serve of an int8 variant and its fp32 model, and the variant's `int8_agreement`.
+
+    The variant is served only when it was made from this fp32 file (`quantization.source.sha256`) and
+    agrees with it on this CPU (`INT8_MIN_AGREEMENT`); otherwise, and when anything about the check
+    fails, the fp32 model is served with a warning that says why: the int8 variant is an optimisation,
+    never a reason not to start.
+    """
+    try:
+        metadata = ModelMetadata.load(metadata_path(variant))
+        verify_model_file(variant, metadata)
+        fp32_meta = ModelMetadata.load(metadata_path(fp32_path))
+        verify_model_file(fp32_path, fp32_meta)
+        source = metadata.quantization.get("source", {}).get("sha256")
+        if source != fp32_meta.sha256:
+            logger.warning("not serving %s: it was made from another model (sha256 %s), not from %s (%s); "
+                           "serving %s. Run wbc-quantize on it again.", variant.name, str(source)[:12],
+                           fp32_path.name, fp32_meta.sha256[:12], fp32_path.name)
+            return fp32_path, None
+        agreement = int8_agreement(_session(variant, threads, providers),
+                                   _session(fp32_path, threads, providers), metadata)
+    except Exception as exc:  # any failure of the optional variant falls back to fp32
+        logger.warning("not serving %s: checking it against %s failed (%s); serving %s", variant.name,
+                       fp32_path.name, exc, fp32_path.name)
+        return fp32_path, None
     if agreement < INT8_MIN_AGREEMENT:
         logger.warning("not serving %s: on this CPU it gives the fp32 model's class to only %.1f %% of the "
                        "pixels of a drawn crop (%.0f %% needed), so %s is served. Quantize it again with "
                        "wbc-quantize, which keeps weights to 7 bits.", variant.name, 100 * agreement,
                        100 * INT8_MIN_AGREEMENT, fp32_path.name)
-    else:
-        logger.info("%s agrees with %s on %.2f %% of the pixels of drawn crops", variant.name,
-                    fp32_path.name, 100 * agreement)
-    return agreement
+        return fp32_path, agreement
+    logger.info("%s agrees with %s on %.2f %% of the pixels of drawn crops", variant.name, fp32_path.name,
+                100 * agreement)
+    return variant, agreement
 
 
 class Model:
@@ -246,10 +273,11 @@ class Model:
         on_cpu = providers == [CPU]
         path = served_file(config, on_cpu)
         agreement = None
-        if path != config.model_path:  # the int8 variant, chosen by `served_file`
-            agreement = _checked_int8(path, config.model_path, providers)
-            if agreement < INT8_MIN_AGREEMENT:
-                path = config.model_path
+        # An int8 variant, chosen by `served_file` or named directly, is checked against its fp32 model.
+        fp32 = config.model_path if path != config.model_path else _fp32_beside(path)
+        if on_cpu and fp32 is not None and not config.metadata_path:
+            path, agreement = _int8_or_fp32(path, fp32, providers,
+                                            config.intra_op_threads or available_cpus())
         metadata = ModelMetadata.load(config.metadata_path or metadata_path(path))
         verify_model_file(path, metadata)
         cpus = config.intra_op_threads or available_cpus()

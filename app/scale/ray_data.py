@@ -211,7 +211,8 @@ def write_batch(batch: dict[str, np.ndarray], output_dir: Path) -> dict[str, np.
 
 def _run_key(job: FolderJob, settings: Settings, model: ModelMetadata) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    return {"model_sha256": model.sha256, "precision": settings.precision, "overlays": job.overlays,
+    return {"model_sha256": model.sha256, "precision": settings.precision, "tta": settings.tta,
+            "overlays": job.overlays,
             "geojson": job.geojson, "pixel_size_um": job.pixel_size_um}
 
 

@@ -1,5 +1,5 @@
-"""Test-time augmentation: runs mapped back to the input's orientation, averaged as probabilities, one
-run per symmetry; chosen per provider by the engine and reported by the service."""
+"""Test-time augmentation: runs mapped back to the input's orientation and averaged, all symmetries of a
+batch in one stacked run; chosen per provider by the engine and reported by the service."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 from support.service import copy_model, png_array, running, upload
 
 from app.api.settings import Settings
-from app.engine import Engine, ModelConfig, Options, Upload
+from app.engine import Engine, ModelConfig, Options, Upload, session
 from app.engine.augment import augmented, check_mode, symmetries
+from app.engine.contract import ModelMetadata
 from app.engine.errors import ModelLoadError
 from app.engine.session import Model
 
@@ -26,17 +27,12 @@ def per_pixel(images: np.ndarray) -> tuple[np.ndarray, float]:
     return np.einsum("ck,nkhw->nchw", WEIGHTS, images), 2.0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 @pytest.mark.parametrize("mode", ["mirror", "dihedral"])
 def test_every_run_is_mapped_back_before_averaging(mode: str) -> None:
     images = np.random.default_rng(0).normal(size=(2, 3, 12, 12)).astype(np.float32)
     logits, run_ms = augmented(per_pixel, mode)(images)  # type: ignore[arg-type]
-    np.testing.assert_allclose(logits, log_softmax(per_pixel(images)[0]), atol=1e-5)
-    assert run_ms == 2.0 * len(symmetries(mode))  # type: ignore[arg-type]
+    np.testing.assert_allclose(logits, per_pixel(images)[0], atol=1e-5)
+    assert run_ms == 2.0, "one stacked run"
 
 
 def test_the_average_is_over_the_symmetries() -> None:
@@ -58,8 +54,6 @@ def test_the_average_is_over_the_symmetries() -> None:
     np.testing.assert_allclose(mirrored, mirrored[..., ::-1, :], atol=1e-5)
     dihedral = augmented(leftish, "dihedral")(images)[0]
     np.testing.assert_allclose(dihedral, dihedral.swapaxes(2, 3), atol=1e-5)
-    probabilities = np.exp(dihedral).sum(axis=1)
-    np.testing.assert_allclose(probabilities, 1.0, atol=1e-5)
 
 
 def test_modes_and_their_limits() -> None:
@@ -86,7 +80,8 @@ def _runs(model: Model, data: bytes) -> list[int]:
     return sizes
 
 
-def test_the_engine_runs_each_window_batch_once_per_symmetry(tiny_model_dir: Path, png_bytes: bytes) -> None:
+def test_the_engine_runs_each_window_batch_with_all_its_symmetries_stacked(tiny_model_dir: Path,
+                                                                           png_bytes: bytes) -> None:
     runs = {}
     for mode in ("none", "mirror", "dihedral"):
         model = Model.open(ModelConfig(tiny_model_dir / "model.onnx", device="cpu", warmup_runs=0,
@@ -94,8 +89,22 @@ def test_the_engine_runs_each_window_batch_once_per_symmetry(tiny_model_dir: Pat
         assert model.tta == mode
         runs[mode] = _runs(model, png_bytes)
     assert runs["none"]
-    assert runs["mirror"] == [n for n in runs["none"] for _ in range(4)]
-    assert runs["dihedral"] == [n for n in runs["none"] for _ in range(8)]
+    assert runs["mirror"] == [4 * n for n in runs["none"]]
+    assert runs["dihedral"] == [8 * n for n in runs["none"]]
+
+
+@pytest.mark.parametrize(("setting", "provider", "square", "expected"), [
+    ("auto", session.CUDA, True, "dihedral"), ("auto", session.CUDA, False, "mirror"),
+    ("auto", session.CPU, True, "none"), ("mirror", session.CPU, True, "mirror"),
+    ("none", session.CUDA, True, "none"),
+])
+def test_auto_follows_the_provider_and_the_input_shape(tiny_model_dir: Path, setting: str, provider: str,
+                                                        square: bool, expected: str) -> None:
+    meta = ModelMetadata.load(tiny_model_dir / "model.json")
+    height, width = meta.input.size
+    shaped = meta.model_copy(update={"input": meta.input.model_copy(
+        update={"size": [height, width if square else 2 * width]})})
+    assert session._tta_mode(setting, provider, shaped) == expected
 
 
 def test_auto_is_none_on_the_cpu_and_a_bad_mode_for_the_model_keeps_it_from_loading(
@@ -110,14 +119,14 @@ def test_auto_is_none_on_the_cpu_and_a_bad_mode_for_the_model_keeps_it_from_load
 
 def test_the_service_applies_and_reports_its_augmentation(settings_for: Callable[..., Settings],
                                                           png_bytes: bytes) -> None:
-    runs = {}
+    images = {}  # windows the model ran on
     for mode in ("none", "dihedral"):
         with running(settings_for(tta=mode, warmup_runs=0)) as client:
             assert client.get("/v1/model").json()["tta"] == mode
             mask = png_array(client.post("/v1/segment?format=png", files=upload(png_bytes, "a.png")).content)
             assert mask.ndim == 2 and mask.max() <= 2
             metrics = client.get("/metrics").text
-            found = re.search(r"^wbc_inference_batch_size_count (\S+)$", metrics, re.MULTILINE)
+            found = re.search(r"^wbc_inference_batch_size_sum (\S+)$", metrics, re.MULTILINE)
             assert found
-            runs[mode] = float(found.group(1))
-    assert runs["dihedral"] == 8 * runs["none"] > 0
+            images[mode] = float(found.group(1))
+    assert images["dihedral"] == 8 * images["none"] > 0

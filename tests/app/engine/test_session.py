@@ -122,7 +122,8 @@ def _with_int8_variant(tiny_model_dir: Path, folder: Path, accepted: bool | None
     meta.update(file="model.int8.onnx", version=meta["version"] + "+int8",
                 sha256=sha256_file(folder / "model.int8.onnx"))
     if accepted is not None:
-        meta["quantization"] = {"validation": {"accepted": accepted}}
+        source = {"file": "model.onnx", "sha256": sha256_file(folder / "model.onnx")}
+        meta["quantization"] = {"validation": {"accepted": accepted}, "source": source}
     (folder / "model.int8.json").write_text(json.dumps(meta))
     return folder / "model.onnx"
 
@@ -172,6 +173,37 @@ def test_an_int8_variant_that_disagrees_with_fp32_on_this_cpu_is_not_served(
     assert model["int8_agreement"] < session.INT8_MIN_AGREEMENT
     assert result["model"]["version"] == model["version"]
     assert any("not serving model.int8.onnx" in r.getMessage() for r in caplog.records)
+
+
+def test_a_variant_made_from_another_model_or_failing_its_check_is_not_served(
+        tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    other = _with_int8_variant(tiny_model_dir, tmp_path / "other", accepted=True)
+    meta = json.loads((tmp_path / "other" / "model.int8.json").read_text())
+    meta["quantization"]["source"]["sha256"] = "0" * 64
+    (tmp_path / "other" / "model.int8.json").write_text(json.dumps(meta))
+    failing = _with_int8_variant(tiny_model_dir, tmp_path / "failing", accepted=True)
+    meta = json.loads((tmp_path / "failing" / "model.int8.json").read_text())
+    meta["output"]["name"] = "no_such_tensor"
+    (tmp_path / "failing" / "model.int8.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="app"):
+        for path in (other, failing):
+            model = Model.open(ModelConfig(path, device="cpu", warmup_runs=0))
+            assert model.path.name == "model.onnx" and model.int8_agreement is None
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "made from another model" in messages and "checking it against model.onnx failed" in messages
+
+
+def test_a_variant_named_directly_is_checked_when_its_fp32_model_is_beside_it(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    _with_int8_variant(tiny_model_dir, tmp_path / "m", accepted=True, broken=True)
+    named = ModelConfig(tmp_path / "m" / "model.int8.onnx", device="cpu", warmup_runs=0)
+    assert Model.open(named).path.name == "model.onnx", "broken on this CPU: fp32 instead"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("model.int8.onnx", "model.int8.json"):
+        shutil.copy(tmp_path / "m" / name, alone / name)
+    model = Model.open(ModelConfig(alone / "model.int8.onnx", device="cpu", warmup_runs=0))
+    assert model.path.name == "model.int8.onnx" and model.int8_agreement is None, "nothing to check against"
 
 
 def test_a_variant_with_broken_metadata_is_ignored_not_fatal(tiny_model_dir: Path, tmp_path: Path) -> None:
