@@ -48,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import Engine, ModelConfig, Options, Upload
+from app.engine.augment import Setting
 from app.engine.locate import find_leukocytes
 from benchmarks.finder_study import BCCD, _largest_free_rectangle, load_bccd, read_rgb
 
@@ -59,10 +60,11 @@ BLOCK, PATCH, SLOT = 200, 288, 320
 OPTIONS = Options(instances_png=True, mask_png=True)
 
 
-def open_engine(model: Path) -> Engine:
-    """The engine on the CPU, one thread, one inference worker."""
-    return Engine.open(ModelConfig(model, device="cpu", intra_op_threads=1, inference_workers=1),
-                       100_000_000)  # largest pixel count (positional: the signature is changing)
+def open_engine(model: Path, tta: Setting = "none", threads: int = 1) -> Engine:
+    """The engine on the CPU, `threads` threads, one inference worker, test-time augmentation `tta`."""
+    # 100_000_000: the largest pixel count (positional: the signature is changing)
+    return Engine.open(ModelConfig(model, device="cpu", intra_op_threads=threads, inference_workers=1,
+                                   tta=tta), 100_000_000)
 
 
 def jpeg(rgb: np.ndarray) -> bytes:

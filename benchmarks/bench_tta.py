@@ -25,12 +25,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.engine import Engine, ModelConfig, Options, Upload  # noqa: E402
-from model_training.synthetic import lobes, make_field  # noqa: E402
-
-MODES = ("none", "mirror", "dihedral")
-FIELD_CELLS = [(170, 150, 40, lobes(170, 150)), (460, 300, 36, [(460, 300, 22)]),
-               (620, 90, 40, [(622, 90, 22)])]
+from app.engine import Options, Upload  # noqa: E402
+from app.engine.augment import MODES  # noqa: E402
+from benchmarks.bench_cells import open_engine  # noqa: E402
+from model_training.synthetic import THREE_CELLS, make_field  # noqa: E402
 
 
 def png(rgb) -> bytes:
@@ -46,11 +44,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    engines = {mode: Engine.open(ModelConfig(args.model, device="cpu", intra_op_threads=args.threads,
-                                             inference_workers=1, tta=mode), 100_000_000)  # type: ignore[arg-type]
-               for mode in MODES}
+    engines = {mode: open_engine(args.model, mode, args.threads) for mode in MODES}
     cases = {"crop (examples/cellavision_050.png)": (REPO / "examples" / "cellavision_050.png").read_bytes(),
-             "generated 640 × 480 field, 3 leukocytes": png(make_field(FIELD_CELLS)[0])}
+             "generated 640 × 480 field, 3 leukocytes": png(make_field(THREE_CELLS)[0])}
     times: dict[tuple[str, str], list[float]] = {(c, m): [] for c in cases for m in MODES}
     cells: dict[tuple[str, str], int] = {}
     for _ in range(args.rounds + 1):  # the first round warms up and is not counted

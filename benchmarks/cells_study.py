@@ -34,8 +34,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import Engine, ModelConfig, Options, Upload
+from app.engine import Engine, Options, Upload
+from app.engine.augment import MODES
 from app.engine.locate import _analyse, find_leukocytes
+from benchmarks.bench_cells import open_engine
 from benchmarks.finder_study import (
     BCCD,
     ZHENG,
@@ -52,13 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 TILE = 128
 SCALES = (0.5, 1.0, 2.0)
 AREA_TOLERANCE = 0.10
-
-
-def open_engine(model: Path, tta: str = "none") -> Engine:
-    """The engine on the CPU, one thread, one inference worker, with test-time augmentation `tta`."""
-    return Engine.open(ModelConfig(model, device="cpu", intra_op_threads=1, inference_workers=1,
-                                   tta=tta),  # type: ignore[arg-type]
-                       100_000_000)  # largest pixel count (positional: the signature is changing)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -302,7 +297,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "weights" / "model.onnx")
     parser.add_argument("--crops", type=Path, default=Path("/tmp/cells_fp"), help="validation error crops")
     parser.add_argument("--scale-fields", type=int, default=8, help="validation fields for the scale check")
-    parser.add_argument("--tta", choices=("none", "mirror", "dihedral"), default="none",
+    parser.add_argument("--tta", choices=MODES, default="none",
                         help="the engine's test-time augmentation")
     args = parser.parse_args()
     engine = open_engine(args.model, args.tta)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.engine.augment import MODES, Mode, check_mode
+from app.engine.augment import MODES, Mode
 from model_training.data import Sample, split_samples
 from model_training.loading import LoadedModel, load_model
 from model_training.metrics import average_score, region_scores, summarize
@@ -62,7 +62,7 @@ class EvaluateConfig:
     device: str = "auto"
     threads: int = 0
     per_cell: bool = False                  # score the primary cell of the per-cell path
-    tta: str = "none"                       # the engine's test-time augmentation (app.engine.augment)
+    tta: Mode = "none"                      # the engine's test-time augmentation (app.engine.augment)
 
 
 def data_config(model: LoadedModel, cfg: EvaluateConfig) -> TrainConfig:
@@ -198,7 +198,7 @@ def score_all(cfg: EvaluateConfig, device: torch.device) -> tuple[list[dict[str,
         if key not in cache:
             cache[key] = load_samples(train_cfg)
         samples = select_split(cache[key], cfg.split, train_cfg, model.val_names)
-        entry, preds = score_model(model, samples, device, cfg.per_cell, cfg.tta)  # type: ignore[arg-type]
+        entry, preds = score_model(model, samples, device, cfg.per_cell, cfg.tta)
         entries.append({**entry, "split": cfg.split, "data": data, "group": group_name(entry, cfg.group_by)})
         predictions.append(preds)
         first_samples = first_samples or {f"{s.source}/{s.name}": s for s in samples}
@@ -217,11 +217,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         summaries (`{region: {metric: {"mean", "sd"}}}`) and `per_image` scores.
 
     Raises:
-        ValueError: for an unknown split or grouping, no model, or both `data` and `synthetic`.
+        ValueError: for an unknown split, grouping or augmentation, no model, or both `data` and
+            `synthetic`.
     """
-    check_mode(cfg.tta, (1, 1))  # type: ignore[arg-type]
-    if cfg.split not in SPLITS or cfg.group_by not in GROUP_BY:
-        raise ValueError(f"split must be one of {SPLITS} and group_by one of {GROUP_BY}")
+    if cfg.split not in SPLITS or cfg.group_by not in GROUP_BY or cfg.tta not in MODES:
+        raise ValueError(f"split must be one of {SPLITS}, group_by one of {GROUP_BY} and tta one of {MODES}")
     if not cfg.models:
         raise ValueError("no model to evaluate")
     if cfg.data and cfg.synthetic:

@@ -43,6 +43,9 @@ def lobes(cx: int, cy: int, count: int = 3, spread: int = 18, radius: int = 11) 
 
 
 FieldCell = tuple[int, int, int, list[tuple[int, int, int]]]
+#: Three leukocytes on a 640×480 field of view (`make_field`'s size), the third cut by the right edge.
+THREE_CELLS: list[FieldCell] = [(170, 150, 40, lobes(170, 150)), (460, 300, 36, [(460, 300, 22)]),
+                                (620, 90, 40, [(622, 90, 22)])]
 
 
 def packed_cells(side: int, radius: int = 30) -> list[FieldCell]:

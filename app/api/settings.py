@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.engine.augment import Setting
 from app.engine.imaging import DecodeLimits
 from app.engine.session import ModelConfig, available_cpus
 
@@ -40,7 +41,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32"] = "auto"
     intra_op_threads: int = Field(default_factory=available_cpus, ge=1)
     # Test-time augmentation (engine.augment); auto: dihedral on CUDA, none on the CPU.
-    tta: Literal["auto", "none", "mirror", "dihedral"] = "auto"
+    tta: Setting = "auto"
     warmup_runs: int = Field(default=1, ge=0)
 
     # Inference queue and micro-batching.

@@ -18,6 +18,8 @@ from app.engine.cells import Infer
 
 Mode = Literal["none", "mirror", "dihedral"]
 MODES: tuple[Mode, ...] = ("none", "mirror", "dihedral")
+#: What a deployment sets (`WBC_TTA`): a mode, or "auto" (the engine picks by provider).
+Setting = Literal["auto", "none", "mirror", "dihedral"]
 
 _Map = Callable[[np.ndarray], np.ndarray]
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.augment import Mode, check_mode
+from app.engine.augment import Mode, Setting, check_mode
 from app.engine.contract import CLASS_NAMES, ModelMetadata, metadata_path, verify_model_file
 from app.engine.errors import ModelLoadError
 from app.engine.smear import make_sample
@@ -87,7 +88,7 @@ class ModelConfig:
     max_batch_size: int | None = None
     inference_workers: int | None = None
     warmup_runs: int = 1
-    tta: Literal["auto", "none", "mirror", "dihedral"] = "auto"
+    tta: Setting = "auto"
 
 
 def auto_workers(on_cpu: bool, metadata: ModelMetadata, cpus: int) -> int:
@@ -163,24 +164,27 @@ def served_file(config: ModelConfig, on_cpu: bool) -> Path:
     return variant if gate else path
 
 
-def int8_agreement(int8: ort.InferenceSession, fp32: ort.InferenceSession, metadata: ModelMetadata) -> float:
-    """The least share of pixels, over drawn smear-like crops (`INT8_CHECK_SEEDS`), to which the int8
-    session gives the fp32 session's class; one crop per run, as the CPU serves them."""
+def int8_agreement(int8: ort.InferenceSession, fp32: ort.InferenceSession, metadata: ModelMetadata,
+                   images: Sequence[np.ndarray] = ()) -> float:
+    """The least share of pixels, over `images` (`(H, W, 3)` uint8; default: drawn smear-like crops,
+    `INT8_CHECK_SEEDS`), to which the int8 session gives the fp32 session's class; one image per run,
+    as the CPU serves them."""
     height, width = metadata.input.size
     transform = InputTransform.from_metadata(metadata)
     feed, output = metadata.input.name, metadata.output.name
+    images = images or [make_sample((height, width), seed)[0] for seed in INT8_CHECK_SEEDS]
     worst = 1.0
-    for seed in INT8_CHECK_SEEDS:
-        x = transform(make_sample((height, width), seed)[0])[None]
+    for image in images:
+        x = transform(image)[None]
         a, b = (session.run([output], {feed: x})[0].argmax(1) for session in (fp32, int8))
         worst = min(worst, float((a == b).mean()))
     return worst
 
 
-def _tta_mode(setting: str, provider: str, metadata: ModelMetadata) -> Mode:
+def _tta_mode(setting: Setting, provider: str, metadata: ModelMetadata) -> Mode:
     size = (int(metadata.input.size[0]), int(metadata.input.size[1]))
-    mode: Mode = ("dihedral" if size[0] == size[1] else "mirror") if provider == CUDA else "none"
-    mode = mode if setting == "auto" else setting  # type: ignore[assignment]
+    auto: Mode = ("dihedral" if size[0] == size[1] else "mirror") if provider == CUDA else "none"
+    mode = auto if setting == "auto" else setting
     try:
         check_mode(mode, size)
     except ValueError as exc:
@@ -204,8 +208,9 @@ def _fp32_beside(variant: Path) -> Path | None:
 
 
 def _int8_or_fp32(variant: Path, fp32_path: Path, providers: list[Any],
-                  threads: int) -> tuple[Path, float | None]:
-    """The file to serve of an int8 variant and its fp32 model, and the variant's `int8_agreement`.
+                  threads: int) -> tuple[Path, ModelMetadata | None, float | None]:
+    """The file to serve of an int8 variant and its fp32 model, its metadata (already checked against
+    the file; None when the check failed before it was), and the variant's `int8_agreement`.
 
     The variant is served only when it was made from this fp32 file (`quantization.source.sha256`) and
     agrees with it on this CPU (`INT8_MIN_AGREEMENT`); otherwise, and when anything about the check
@@ -222,22 +227,22 @@ def _int8_or_fp32(variant: Path, fp32_path: Path, providers: list[Any],
             logger.warning("not serving %s: it was made from another model (sha256 %s), not from %s (%s); "
                            "serving %s. Run wbc-quantize on it again.", variant.name, str(source)[:12],
                            fp32_path.name, fp32_meta.sha256[:12], fp32_path.name)
-            return fp32_path, None
+            return fp32_path, fp32_meta, None
         agreement = int8_agreement(_session(variant, threads, providers),
                                    _session(fp32_path, threads, providers), metadata)
     except Exception as exc:  # any failure of the optional variant falls back to fp32
         logger.warning("not serving %s: checking it against %s failed (%s); serving %s", variant.name,
                        fp32_path.name, exc, fp32_path.name)
-        return fp32_path, None
+        return fp32_path, None, None
     if agreement < INT8_MIN_AGREEMENT:
         logger.warning("not serving %s: on this CPU it gives the fp32 model's class to only %.1f %% of the "
                        "pixels of a drawn crop (%.0f %% needed), so %s is served. Quantize it again with "
                        "wbc-quantize, which keeps weights to 7 bits.", variant.name, 100 * agreement,
                        100 * INT8_MIN_AGREEMENT, fp32_path.name)
-        return fp32_path, agreement
+        return fp32_path, fp32_meta, agreement
     logger.info("%s agrees with %s on %.2f %% of the pixels of drawn crops", variant.name, fp32_path.name,
                 100 * agreement)
-    return variant, agreement
+    return variant, metadata, agreement
 
 
 class Model:
@@ -272,14 +277,15 @@ class Model:
         providers = requested_providers(config.device, config.cuda_device_id)
         on_cpu = providers == [CPU]
         path = served_file(config, on_cpu)
-        agreement = None
+        metadata, agreement = None, None
         # An int8 variant, chosen by `served_file` or named directly, is checked against its fp32 model.
         fp32 = config.model_path if path != config.model_path else _fp32_beside(path)
         if on_cpu and fp32 is not None and not config.metadata_path:
-            path, agreement = _int8_or_fp32(path, fp32, providers,
-                                            config.intra_op_threads or available_cpus())
-        metadata = ModelMetadata.load(config.metadata_path or metadata_path(path))
-        verify_model_file(path, metadata)
+            path, metadata, agreement = _int8_or_fp32(path, fp32, providers,
+                                                      config.intra_op_threads or available_cpus())
+        if metadata is None:
+            metadata = ModelMetadata.load(config.metadata_path or metadata_path(path))
+            verify_model_file(path, metadata)
         cpus = config.intra_op_threads or available_cpus()
         workers = config.inference_workers or auto_workers(on_cpu, metadata, cpus)
         # Concurrent runs of one session share its thread pool; each gets its share of the cores.

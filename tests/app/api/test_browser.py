@@ -24,7 +24,7 @@ from support.live_server import serving
 from support.service import encode, sample_rgb
 
 from app.api.settings import Settings
-from model_training.synthetic import lobes, make_field
+from model_training.synthetic import THREE_CELLS, make_field
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -41,9 +41,7 @@ SAMPLE = REPO / "examples" / "tecom_046.png"
 SHIPPED = REPO / "weights" / "model.onnx"
 API_KEY = "browser-test-key"
 PIXEL_SIZE_UM = 0.5
-#: Three leukocytes on a 640×480 field of view, the third cut by the right edge.
-FIELD_CELLS = [(170, 150, 40, lobes(170, 150)), (460, 300, 36, [(460, 300, 22)]),
-               (620, 90, 40, [(622, 90, 22)])]
+FIELD_CELLS = THREE_CELLS
 FILE_PIXEL_SIZE_UM = 0.25
 
 

@@ -19,11 +19,10 @@ from shapely.geometry import shape
 from support.service import encode, png_array, running, upload
 
 from app.api.settings import Settings
-from model_training.synthetic import lobes, make_field
+from model_training.synthetic import THREE_CELLS, make_field
 
 SHIPPED = Path(__file__).resolve().parents[3] / "weights" / "model.onnx"
-FIELD_CELLS = [(170, 150, 40, lobes(170, 150)), (460, 300, 36, [(460, 300, 22)]),
-               (620, 90, 40, [(622, 90, 22)])]
+FIELD_CELLS = THREE_CELLS
 
 
 @pytest.fixture(scope="module")
