@@ -230,6 +230,17 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return rows, [row for r in named for row in cell_rows(r)]
 
 
+def served_models(records: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The distinct `model` refs of the results, in order of first use. Workers on different hardware
+    may serve different precisions (int8 on a CPU, fp32 on a GPU) and test-time augmentations (`WBC_TTA`
+    auto); each result names its own, and a run's summary lists them all."""
+    served: list[dict[str, str]] = []
+    for record in records:
+        if record.get("model") and record["model"] not in served:
+            served.append(record["model"])
+    return served
+
+
 def write_tables(job: FolderJob, model: dict[str, str], records: list[dict[str, Any]], seconds: float,
                  fatal: str | None) -> Summary:
     """Write `results.csv`, `cells.csv` and `results.json` of the run's `write_outputs` records."""
@@ -242,8 +253,11 @@ def write_tables(job: FolderJob, model: dict[str, str], records: list[dict[str, 
         write_csv(cells, f, CELL_COLUMNS)
     failures = [(r["file"], error_text(r["error"])) for r in records if r.get("error")]
     source = job.url or ("ray" if job.ray else "in-process")
+    served = served_models(records) or [model]
     document = {"count": len(records), "failed": len(failures), "pixel_size_um": job.pixel_size_um,
-                "model": model, "source": source, "seconds": round(seconds, 3), "results": records}
+                "model": served[0], "source": source, "seconds": round(seconds, 3), "results": records}
+    if len(served) > 1:  # workers on different hardware: each result names its own
+        document["models"] = served
     json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return Summary(len(records), len(failures), seconds, csv_path, json_path, fatal, failures)
 

@@ -94,7 +94,7 @@ class LocalBackend:
         self.overlays = overlays
         self.geojson = geojson
         self.chunk_size = batch_size
-        self.model = self.engine.metadata.ref
+        self.model = self.engine.model_ref
 
     def segment(self, paths: list[Path], pixel_size_um: float | None) -> list[FileResult]:
         return self.segment_contents([p.name for p in paths], [read_file(p) for p in paths], pixel_size_um)

@@ -59,10 +59,12 @@ class Fractions(BaseModel):
 
 
 class ModelRef(BaseModel):
-    """Which model produced a result."""
+    """Which model produced a result, and how it ran."""
 
     name: str
-    version: str
+    version: str = Field(description="The model's version; `+int8` for its int8 variant")
+    tta: str | None = Field(default=None, description="Test-time augmentation of the run: none, mirror or "
+                                                      "dihedral (see /v1/model)")
 
 
 class CellResult(BaseModel):

@@ -183,6 +183,12 @@ class Engine:
         """The served model's metadata."""
         return self.model.metadata
 
+    @property
+    def model_ref(self) -> dict[str, str]:
+        """`{"name", "version", "tta"}` of every result: the version names the precision (`+int8`), and
+        the test-time augmentation changes the masks, so both travel with each result."""
+        return {**self.metadata.ref, "tta": self.model.tta}
+
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         """The model run in this thread (see `Infer`)."""
         started = time.perf_counter()
@@ -271,7 +277,7 @@ class Engine:
                               (None, None))
         cells = measure_cells(stitched, pixel_size)
         return Result(
-            filename, measure(stitched.labels, pixel_size), run_ms, self.metadata.ref, cells,
+            filename, measure(stitched.labels, pixel_size), run_ms, self.model_ref, cells,
             primary_cell(cells, stitched.instances), pixel_size, source,
             mask_png=encode_mask_png(stitched.labels) if options.mask_png else None,
             overlay_png=(encode_overlay_png(decoded.pixels, stitched.labels, stitched.instances,

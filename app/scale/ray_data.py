@@ -94,8 +94,7 @@ def segment_folder(job: FolderJob, options: RayOptions) -> Summary:
             fatal = f"the Ray job failed: {_reason(exc)}"
     records = [new.get(i) or done.get(rel.as_posix()) or not_processed(rel, fatal)
                for i, rel in enumerate(relative)]
-    served = next((r["model"] for r in records if r.get("model")), model.ref)  # int8 on CPU actors
-    summary = write_tables(job, served, records, time.perf_counter() - started, fatal)
+    summary = write_tables(job, model.ref, records, time.perf_counter() - started, fatal)
     write_parquet(job.output_dir, records)
     return summary
 

@@ -17,8 +17,8 @@ from support.live_server import serving
 from support.service import encode, sample_rgb
 
 from app.api.settings import Settings
-from app.cli import main
-from app.cli_backends import RemoteBackend
+from app.cli import FolderJob, main, write_outputs, write_tables
+from app.cli_backends import LocalBackend, RemoteBackend
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "weights"
@@ -123,7 +123,11 @@ def test_url_mode_sends_batches_within_the_service_limit_and_matches_in_process(
         assert (remote / remote_rows[name]["overlay"]).is_file()
     for name, status in BAD.items():
         assert remote_rows[name]["error"].startswith(status)
-    assert json.loads((remote / "results.json").read_text())["source"] == url
+    remote_doc, local_doc = (json.loads((d / "results.json").read_text()) for d in (remote, local))
+    assert remote_doc["source"] == url
+    tiny = {"name": "wbc-tiny", "version": "0.0.1", "tta": "none"}
+    assert remote_doc["model"] == local_doc["model"] == tiny
+    assert "models" not in remote_doc and "models" not in local_doc
 
 
 def test_url_mode_stops_when_the_api_key_is_refused(
@@ -291,3 +295,20 @@ def test_file_names_reach_the_terminal_without_control_characters(tmp_path: Path
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "\x1b" not in err and "bad\\x1b[2Jname.png" in err
+
+
+def test_a_run_whose_workers_ran_the_model_differently_names_each_way(
+        tmp_path: Path, settings_for: Callable[..., Settings]) -> None:
+    # Workers on different hardware may run int8 or fp32, with or without test-time augmentation: each
+    # result names its own, and the summary lists them all.
+    out = tmp_path / "out"
+    records = []
+    for i, mode in enumerate(("none", "mirror")):
+        backend = LocalBackend(None, None, 8, False, settings=settings_for(tta=mode, warmup_runs=0))
+        result = backend.segment_contents([f"{i}.png"], [encode(sample_rgb(seed=i))], None)[0]
+        records.append(write_outputs(out, Path(f"{i}.png"), Path(str(i)), result))
+    document = json.loads(write_tables(FolderJob(tmp_path, out), backend.model, records, 1.0, None)
+                          .json_path.read_text())
+    assert [r["model"]["tta"] for r in document["results"]] == ["none", "mirror"]
+    assert document["models"] == [r["model"] for r in document["results"]]
+    assert document["model"] == document["results"][0]["model"]

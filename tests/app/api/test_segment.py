@@ -25,7 +25,7 @@ def test_json_reports_areas_fractions_ratio_and_model(client: TestClient, png_by
     assert body["fractions"]["cell"] == pytest.approx(areas["cell"] / (96 * 80), abs=1e-6)
     assert body["nc_ratio"] == pytest.approx(areas["nucleus"] / areas["cytoplasm"], abs=1e-6)
     assert body["areas_um2"] is None
-    assert body["model"] == {"name": "wbc-tiny", "version": "0.0.1"}
+    assert body["model"] == {"name": "wbc-tiny", "version": "0.0.1", "tta": "none"}
     assert body["inference_ms"] > 0
     assert "mask_png_base64" not in body
 

@@ -123,6 +123,7 @@ def test_the_service_applies_and_reports_its_augmentation(settings_for: Callable
     for mode in ("none", "dihedral"):
         with running(settings_for(tta=mode, warmup_runs=0)) as client:
             assert client.get("/v1/model").json()["tta"] == mode
+            assert client.post("/v1/segment", files=upload(png_bytes, "a.png")).json()["model"]["tta"] == mode
             mask = png_array(client.post("/v1/segment?format=png", files=upload(png_bytes, "a.png")).content)
             assert mask.ndim == 2 and mask.max() <= 2
             metrics = client.get("/metrics").text
