@@ -12,12 +12,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.errors import PayloadTooLargeError, ServiceError
+from app.engine.errors import PayloadTooLargeError, ServiceError, TooManyFilesError
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:wbc-segmenter:problem:"
+#: How Starlette's multipart parser words a form past its `max_files` (its 400's detail).
+_PARSER_TOO_MANY_FILES = "Too many files."
 
 
 class BodyTooLargeError(StarletteHTTPException):
@@ -65,6 +67,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc, BodyTooLargeError):
         return service_error_response(PayloadTooLargeError(str(exc.detail)))
+    if exc.status_code == 400 and str(exc.detail).startswith(_PARSER_TOO_MANY_FILES):
+        # The multipart parser's own limit (`form_limits`, the service's `max_files`): the same 413 as
+        # a batch the route counts, not the parser's 400.
+        limit = request.app.state.service.settings.max_files
+        return service_error_response(TooManyFilesError(
+            f"The request has more than {limit} files; the limit is {limit} per request."))
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else _default_detail(exc)
     return problem_response(exc.status_code, phrase, detail, headers=dict(exc.headers or {}))

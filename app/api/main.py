@@ -57,8 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    # The multipart parser stops at the batch limit instead of reading up to Starlette's 1000 files first.
     app = FastAPI(title="WBC segmenter", version=_version(), lifespan=lifespan,
-                  description="Segments white blood cells into nucleus and cytoplasm and measures them.")
+                  description="Segments white blood cells into nucleus and cytoplasm and measures them.",
+                  form_limits={"max_files": settings.max_files})
     app.state.service = ServiceState(settings=settings, metrics=Metrics())
     # No slash-adding redirects: Starlette builds them from the request's Host header.
     app.router.redirect_slashes = False
