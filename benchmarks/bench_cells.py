@@ -67,6 +67,13 @@ def open_engine(model: Path, tta: Setting = "none", threads: int = 1) -> Engine:
                                    tta=tta), 100_000_000)
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB image as lossless PNG bytes (what an upload of a generated image would be)."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
 def jpeg(rgb: np.ndarray) -> bytes:
     """RGB → JPEG bytes, quality 95."""
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])

@@ -12,7 +12,6 @@ docs/results.md ("Test-time augmentation").
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -20,21 +19,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.engine import Options, Upload  # noqa: E402
 from app.engine.augment import MODES  # noqa: E402
-from benchmarks.bench_cells import open_engine  # noqa: E402
+from benchmarks.bench_cells import open_engine, png_bytes  # noqa: E402
 from model_training.synthetic import THREE_CELLS, make_field  # noqa: E402
-
-
-def png(rgb) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -46,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     engines = {mode: open_engine(args.model, mode, args.threads) for mode in MODES}
     cases = {"crop (examples/cellavision_050.png)": (REPO / "examples" / "cellavision_050.png").read_bytes(),
-             "generated 640 × 480 field, 3 leukocytes": png(make_field(THREE_CELLS)[0])}
+             "generated 640 × 480 field, 3 leukocytes": png_bytes(make_field(THREE_CELLS)[0])}
     times: dict[tuple[str, str], list[float]] = {(c, m): [] for c in cases for m in MODES}
     cells: dict[tuple[str, str], int] = {}
     for _ in range(args.rounds + 1):  # the first round warms up and is not counted

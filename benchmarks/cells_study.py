@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.engine import Engine, Options, Upload
 from app.engine.augment import MODES
 from app.engine.locate import _analyse, find_leukocytes
-from benchmarks.bench_cells import open_engine
+from benchmarks.bench_cells import open_engine, png_bytes
 from benchmarks.finder_study import (
     BCCD,
     ZHENG,
@@ -54,13 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 TILE = 128
 SCALES = (0.5, 1.0, 2.0)
 AREA_TOLERANCE = 0.10
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An RGB image as lossless PNG bytes (what an upload of a generated image would be)."""
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    return data.tobytes()
 
 
 def segment(engine: Engine, name: str, data: bytes):

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import Options, Upload
 from app.engine.locate import Params, detect
-from benchmarks.cells_study import cell_corners, open_engine, png_bytes
+from benchmarks.bench_cells import open_engine, png_bytes
+from benchmarks.cells_study import cell_corners
 from benchmarks.finder_study import BCCD, corners, free_strip, load_bccd, match, read_rgb
 from model_training.transforms import hed_jitter, to_tensor
 

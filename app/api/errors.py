@@ -68,8 +68,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, BodyTooLargeError):
         return service_error_response(PayloadTooLargeError(str(exc.detail)))
     if exc.status_code == 400 and str(exc.detail).startswith(_PARSER_TOO_MANY_FILES):
-        # The multipart parser's own limit (`form_limits`, the service's `max_files`): the same 413 as
-        # a batch the route counts, not the parser's 400.
+        # The batch limit, enforced by the multipart parser (`form_limits` = `max_files`, main.py): a 413
+        # like every other size limit, not the parser's 400.
         limit = request.app.state.service.settings.max_files
         return service_error_response(TooManyFilesError(
             f"The request has more than {limit} files; the limit is {limit} per request."))

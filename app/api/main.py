@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    # The multipart parser stops at the batch limit instead of reading up to Starlette's 1000 files first.
+    # The batch limit: the multipart parser stops at the first file past it (not at Starlette's default
+    # of 1000), and errors.py answers that with 413 too-many-files.
     app = FastAPI(title="WBC segmenter", version=_version(), lifespan=lifespan,
                   description="Segments white blood cells into nucleus and cytoplasm and measures them.",
                   form_limits={"max_files": settings.max_files})

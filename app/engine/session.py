@@ -278,15 +278,14 @@ class Model:
         on_cpu = providers == [CPU]
         path = served_file(config, on_cpu)
         metadata, agreement = None, None
+        cpus = config.intra_op_threads or available_cpus()
         # An int8 variant, chosen by `served_file` or named directly, is checked against its fp32 model.
         fp32 = config.model_path if path != config.model_path else _fp32_beside(path)
         if on_cpu and fp32 is not None and not config.metadata_path:
-            path, metadata, agreement = _int8_or_fp32(path, fp32, providers,
-                                                      config.intra_op_threads or available_cpus())
+            path, metadata, agreement = _int8_or_fp32(path, fp32, providers, cpus)
         if metadata is None:
             metadata = ModelMetadata.load(config.metadata_path or metadata_path(path))
             verify_model_file(path, metadata)
-        cpus = config.intra_op_threads or available_cpus()
         workers = config.inference_workers or auto_workers(on_cpu, metadata, cpus)
         # Concurrent runs of one session share its thread pool; each gets its share of the cores.
         threads = max(1, cpus // workers) if on_cpu else cpus

@@ -18,7 +18,7 @@ from app.api.deps import Runtime, RuntimeDep, SettingsDep
 from app.api.routes import problems
 from app.api.schemas import BatchResult, SegmentResult
 from app.engine import Failure, Options, Result, Upload
-from app.engine.errors import PayloadTooLargeError, TooManyFilesError
+from app.engine.errors import PayloadTooLargeError
 from app.engine.report import batch_document, batch_zip, client_filename, result_document, safe_stem
 
 if sys.version_info < (3, 11):  # anyio installs the backport there
@@ -118,8 +118,6 @@ async def segment_batch(
     overlay: Annotated[bool, Query(description="With format=zip: add <stem>_overlay.png per image")] = False,
 ) -> Response:
     """Segment every file; one that cannot be processed becomes an error item and the others go on."""
-    if len(files) > settings.max_files:
-        raise TooManyFilesError(f"The batch has {len(files)} files; the limit is {settings.max_files}.")
     uploads = [await read_upload(f, settings.max_file_bytes) for f in files]
     as_zip = output == "zip"
     options = Options(pixel_size_um, mask_png=as_zip or include_mask, overlay_png=as_zip and overlay,

@@ -41,7 +41,6 @@ SAMPLE = REPO / "examples" / "tecom_046.png"
 SHIPPED = REPO / "weights" / "model.onnx"
 API_KEY = "browser-test-key"
 PIXEL_SIZE_UM = 0.5
-FIELD_CELLS = THREE_CELLS
 FILE_PIXEL_SIZE_UM = 0.25
 
 
@@ -215,7 +214,7 @@ def test_page_is_usable_by_keyboard_with_labelled_controls(page: Any) -> None:
 def field_files() -> list[dict[str, Any]]:
     """A field of view with three leukocytes, one without any, and a crop in a TIFF that records its
     pixel size."""
-    with_cells = encode(make_field(FIELD_CELLS)[0])
+    with_cells = encode(make_field(THREE_CELLS)[0])
     without = encode(make_field([], seed=3)[0])
     per_cm = 10_000 / FILE_PIXEL_SIZE_UM
     with Image.open(SAMPLE) as sample:

@@ -22,12 +22,11 @@ from app.api.settings import Settings
 from model_training.synthetic import THREE_CELLS, make_field
 
 SHIPPED = Path(__file__).resolve().parents[3] / "weights" / "model.onnx"
-FIELD_CELLS = THREE_CELLS
 
 
 @pytest.fixture(scope="module")
 def field_png() -> bytes:
-    return encode(make_field(FIELD_CELLS)[0])
+    return encode(make_field(THREE_CELLS)[0])
 
 
 @pytest.fixture
