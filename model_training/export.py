@@ -33,7 +33,8 @@ from app.engine.contract import (
     StainNormalization,
     sha256_file,
 )
-from model_training.models import build_model, count_parameters
+from model_training.ensemble import build_ensemble, build_member
+from model_training.models import count_parameters
 from model_training.transforms import input_transform, stain_of
 from model_training.triton import write_repository
 
@@ -60,10 +61,11 @@ class ExportConfig:
 
 
 def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a `wbc-train` checkpoint, in eval mode, with its saved state."""
+    """Rebuild the model of a `wbc-train` checkpoint (or of an ensemble's, `model_training.ensemble`),
+    in eval mode, with its saved state."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    model = build_model(cfg["model"], base_channels=cfg["base_channels"], depth=cfg["depth"])
+    model = build_ensemble(cfg) if "ensemble" in cfg else build_member(cfg)
     model.load_state_dict(state["model"])
     return model.eval(), state
 
@@ -131,6 +133,9 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
     train_cfg = state["config"]
     size = int(train_cfg["input_size"])
     stain = stain_of(train_cfg)
+    # An ensemble's members each have their own best epoch and score (in training.ensemble).
+    chosen = {} if int(state["epoch"]) < 0 else {"best_epoch": int(state["epoch"]) + 1,
+                                                 "val_mean_dice": float(state["best"])}
     return ModelMetadata(
         schema_version=STAIN_SCHEMA_VERSION if stain else SCHEMA_VERSION,
         name=cfg.name, version=cfg.version, architecture=train_cfg["model"],
@@ -138,8 +143,7 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
         input=InputSpec(name="image", size=(size, size)), output=OutputSpec(name="logits"),
         normalization=DEFAULT_NORMALIZATION, stain=stain,
         classes=list(state.get("classes", CLASS_NAMES)),
-        training={**train_cfg, "best_epoch": int(state["epoch"]) + 1, "val_mean_dice": float(state["best"]),
-                  "val_names": state.get("val_names", [])},
+        training={**train_cfg, **chosen, "val_names": state.get("val_names", [])},
         data=_read_json_arg(cfg.provenance),
         evaluation=evaluation_entry(_read_json_arg(cfg.evaluation), sha256_file(Path(cfg.checkpoint))),
         export={"parity_max_abs_diff": max_diff, "torch": torch.__version__},
@@ -198,7 +202,8 @@ def export(cfg: ExportConfig) -> ModelMetadata:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wbc-export", description="Export a checkpoint to ONNX + model.json.")
-    p.add_argument("checkpoint", help="best.pt written by wbc-train")
+    p.add_argument("checkpoint",
+                   help="best.pt written by wbc-train (or an ensemble's, model_training.ensemble)")
     p.add_argument("--out-dir", default="weights")
     p.add_argument("--name", default=ExportConfig.name)
     p.add_argument("--version", default=ExportConfig.version)

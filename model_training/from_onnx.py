@@ -163,6 +163,9 @@ def train_config_from_metadata(meta: dict[str, Any]) -> TrainConfig:
     """The `TrainConfig` recorded in `model.json`'s `training` (keys `TrainConfig` does not know, such
     as `best_epoch` or `val_names`, left out)."""
     training = dict(meta.get("training") or {})
+    if "ensemble" in training:
+        raise RebuildError("model.json: an ensemble's export is rebuilt from its members' checkpoints, "
+                           "not from the ONNX file")
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in training.items() if k in known})
     if meta.get("architecture") and meta["architecture"] != cfg.model:

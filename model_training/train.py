@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from app.engine.contract import StainNormalization
@@ -54,6 +55,9 @@ SYNTHETIC_EPOCHS, SYNTHETIC_LR = 2, 3e-3
 WINDOW_FRACTION = (0.47, 0.76)
 LOG_FIELDS = ("epoch", "lr", "train_loss", "val_dice_nucleus", "val_dice_cytoplasm", "val_dice_cell",
               "val_mean_dice", "best", "seconds")
+#: `average.csv`: the running weight average (`--average-from`) after each epoch it takes in.
+AVERAGE_FIELDS = ("epoch", "averaged_epochs", "val_dice_nucleus", "val_dice_cytoplasm", "val_dice_cell",
+                  "val_mean_dice")
 
 
 @dataclass
@@ -85,6 +89,7 @@ class TrainConfig:
     hed: float = 0.0               # HED stain jitter σ of the augmentation (0 = off)
     window_scale: bool = False     # crop as the engine's windows: cell WINDOW_FRACTION of the side
     freeze_bn: bool = False        # BatchNorm kept in eval mode: running statistics fixed, affine trains
+    average_from: int = 0          # epoch (from 1) whose weights start a running mean, average.pt (0 = off)
     stain_norm: bool = False       # Reinhard stain normalisation of every network input (app.engine.stain)
     stain_reference: dict[str, Any] | None = None  # its reference: the training images' CIELAB statistics
 
@@ -204,12 +209,48 @@ def validate(model: nn.Module, samples: Sequence[Sample], transform: InputTransf
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    best: float, cfg: TrainConfig, val_names: list[str], scores: dict[str, float]) -> None:
+                    best: float, cfg: TrainConfig, val_names: list[str], scores: dict[str, float],
+                    **extra: Any) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best": best, "config": asdict(cfg), "val_names": val_names, "scores": scores,
-                "classes": list(CLASS_NAMES), "parameters": count_parameters(model)}, tmp)
+                "classes": list(CLASS_NAMES), "parameters": count_parameters(model), **extra}, tmp)
     tmp.replace(path)
+
+
+def weight_average(cfg: TrainConfig, model: nn.Module, out: Path, start: int,
+                   device: torch.device) -> AveragedModel | None:
+    """The running mean of the weights after each epoch from `cfg.average_from` on (stochastic weight
+    averaging, Izmailov et al. 2018), or None when off. BatchNorm statistics are averaged with the
+    weights (`use_buffers`); with `--freeze-bn` they do not move at all.
+
+    A resumed run picks up `average.pt` of `out` with the count of epochs it holds.
+    """
+    if cfg.average_from <= 0:
+        return None
+    averaged = AveragedModel(model, use_buffers=True)
+    path = out / "average.pt"
+    if start == 0:
+        (out / "average.csv").unlink(missing_ok=True)
+    if start > 0 and path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        if state["epoch"] < start:
+            averaged.module.load_state_dict(state["model"])
+            averaged.n_averaged.fill_(int(state["averaged_epochs"]))
+    return averaged
+
+
+def log_average(path: Path, epoch: int, averaged_epochs: int, scores: dict[str, float]) -> None:
+    """Append the weight average's validation after `epoch` (from 0) to `average.csv`."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(AVERAGE_FIELDS)
+        writer.writerow([epoch + 1, averaged_epochs,
+                         *(f"{scores[k]:.5f}" for k in ("nucleus", "cytoplasm", "cell", "mean"))])
+    tqdm.write(f"average of {averaged_epochs} epochs: dice nucleus {scores['nucleus']:.4f} "
+               f"cytoplasm {scores['cytoplasm']:.4f} cell {scores['cell']:.4f}")
 
 
 def init_weights(model: nn.Module, state: dict[str, Any], path: str) -> None:
@@ -327,6 +368,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if initial is not None:
         init_weights(model, initial, str(cfg.init))
     start, best, best_epoch, best_scores = resume_state(cfg, model, optimizer, out, device)
+    averaged = weight_average(cfg, model, out, start, device)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger.info("%s: %d parameters, %d train images (%d samples an epoch) / %d val images, device %s",
                 cfg.model, count_parameters(model), train_images, len(train_set), len(val_set), device)
@@ -359,6 +401,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(out / "best.pt", model, optimizer, epoch, best, cfg, val_names, scores)
         save_checkpoint(out / "last.pt", model, optimizer, epoch, best, cfg, val_names, scores)
         log_epoch(out / "log.csv", epoch, lr, loss, scores, improved, time.perf_counter() - t0)
+        if averaged is not None and epoch + 1 >= cfg.average_from:
+            averaged.update_parameters(model)
+            count = int(averaged.n_averaged)
+            average_scores = validate(averaged.module, val_set, transform, device)
+            save_checkpoint(out / "average.pt", averaged.module, optimizer, epoch, average_scores["mean"],
+                            cfg, val_names, average_scores, averaged_epochs=count)
+            log_average(out / "average.csv", epoch, count, average_scores)
     return {"best_epoch": best_epoch + 1, "best_mean_dice": best, "best_scores": best_scores,
             "epochs_run": max(0, cfg.epochs - start), "out": str(out)}
 
@@ -407,6 +456,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNorm in eval mode (running statistics fixed, affine parameters train); "
                         "needed to fine-tune a checkpoint rebuilt by model_training.from_onnx")
+    p.add_argument("--average-from", type=int, default=defaults.average_from, metavar="EPOCH",
+                   help="from this epoch (counted from 1) on, also keep the running mean of the weights "
+                        "after each epoch (stochastic weight averaging): average.pt and average.csv; "
+                        "0 = off. Pair it with a flat rate (--min-lr-ratio 1)")
     args = vars(p.parse_args(argv))
     args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
     args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)

@@ -104,6 +104,44 @@ def test_init_refuses_weights_of_another_architecture(
         train(tiny_config(tmp_path, model="attention_unet", init=str(tiny_run.best)))
 
 
+def _float_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in state.items() if value.is_floating_point()}
+
+
+def test_weight_average_is_the_mean_of_the_epochs_it_takes_in(
+        tiny_run: TinyRun, tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    train(tiny_config(tmp_path / "avg", average_from=1))
+    train(tiny_config(tmp_path / "one", epochs=1))  # the same first epoch, on its own
+
+    averaged = torch.load(tmp_path / "avg" / "average.pt", weights_only=False)
+    first = _float_weights(torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"])
+    second = _float_weights(torch.load(tmp_path / "avg" / "last.pt", weights_only=False)["model"])
+    uninterrupted = _float_weights(torch.load(tiny_run.out / "last.pt", weights_only=False)["model"])
+    assert averaged["averaged_epochs"] == 2 and averaged["epoch"] == 1
+    assert set(_float_weights(averaged["model"])) == set(second)
+    for name, value in second.items():
+        assert torch.equal(value, uninterrupted[name]), f"averaging changed the training: {name}"
+        torch.testing.assert_close(averaged["model"][name], (first[name] + value) / 2, msg=name)
+    assert any(not torch.equal(first[name], second[name]) for name in second)
+    with (tmp_path / "avg" / "average.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["averaged_epochs"]) for r in rows] == [("1", "1"), ("2", "2")]
+
+
+def test_resumed_weight_average_goes_on_from_its_checkpoint(
+        tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    train(tiny_config(tmp_path / "whole", epochs=3, average_from=2))
+    train(tiny_config(tmp_path / "parts", epochs=2, average_from=2))
+    resume = str(tmp_path / "parts" / "last.pt")
+    train(tiny_config(tmp_path / "parts", epochs=3, average_from=2, resume=resume))
+
+    whole = torch.load(tmp_path / "whole" / "average.pt", weights_only=False)
+    parts = torch.load(tmp_path / "parts" / "average.pt", weights_only=False)
+    assert parts["averaged_epochs"] == whole["averaged_epochs"] == 2
+    for name, value in _float_weights(whole["model"]).items():
+        torch.testing.assert_close(parts["model"][name], value, msg=name)
+
+
 def test_open_log_keeps_only_the_epochs_before_the_resumed_one(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     with path.open("w", newline="") as f:
