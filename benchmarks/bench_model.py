@@ -9,8 +9,8 @@ under the load of the moment.
 
     .venv/bin/python benchmarks/bench_model.py --model weights/model.onnx --int8 weights/model.int8.onnx \\
         --sizes 256 512 --batches 1 8 --json runs/bench-model/result.json
-    # two models side by side (2.1.0 and the narrower 2.0.0, fp32 and int8 each)
-    .venv/bin/python benchmarks/bench_model.py --compare weights/2.0.0/model.onnx --sizes 224 --batches 1 8
+    # two models side by side (the shipped one and 2.1.0, one of its two networks; fp32 and int8 each)
+    .venv/bin/python benchmarks/bench_model.py --compare weights/2.1.0/model.onnx --sizes 224 --batches 1 8
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from model_training.ensemble import build_ensemble
 from model_training.export import load_checkpoint
 from model_training.models import build_model
 
@@ -130,6 +131,8 @@ def load_torch_model(meta: dict[str, Any], checkpoint: str | None) -> torch.nn.M
     if checkpoint:
         return load_checkpoint(checkpoint)[0]
     train = meta.get("training", {})
+    if "ensemble" in train:
+        return build_ensemble(train).eval()
     return build_model(meta["architecture"], base_channels=int(train.get("base_channels", 16)),
                        depth=int(train.get("depth", 4))).eval()
 

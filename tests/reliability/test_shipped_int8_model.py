@@ -1,5 +1,5 @@
 """The shipped int8 models, where there are: each belongs to the fp32 model beside it (the default in
-`weights/`, the narrower 2.0.0 in `weights/2.0.0/`), passed its Dice bound, gives the fp32 model's
+`weights/`, the earlier versions in `weights/<version>/`), passed its Dice bound, gives the fp32 model's
 classes on the CPU that runs the tests (whether or not it has VNNI), and the service serves it with masks
 that agree with the fp32 model's."""
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not (INT8.is_file() and FP32.is_file()),
                                 reason="weights/model.int8.onnx is not there (wbc-quantize writes it)")
 
 
-SHIPPED_FOLDERS = [folder for folder in (REPO / "weights", REPO / "weights" / "2.0.0")
+VERSION_FOLDERS = sorted((REPO / "weights").glob("[0-9]*.[0-9]*.[0-9]*"))
+SHIPPED_FOLDERS = [folder for folder in (REPO / "weights", *VERSION_FOLDERS)
                    if (folder / "model.int8.onnx").is_file()]
 
 

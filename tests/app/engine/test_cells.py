@@ -183,19 +183,19 @@ def test_split_touching_keeps_one_cell_whole(shape: str) -> None:
     assert len(parts) == 1 and np.array_equal(parts[0], cell)
 
 
-def test_a_region_without_a_nucleus_of_its_own_is_no_cell(engine: Engine) -> None:
-    # A greyscale copy of a stained crop: the finder still takes a dark spot for a nucleus, but the model,
-    # without colour, draws a region with no nucleus in it. That is no leukocyte, so no cell and empty
-    # masks, never a guess; the colour crop keeps its cell.
-    path = SHIPPED.parents[1] / "examples" / "tecom_046.png"
-    with Image.open(path) as image:
-        colour = np.asarray(image.convert("RGB"))
-        grey = np.asarray(image.convert("L").convert("RGB"))
-    result = segment(engine, grey)
-    assert result.cells == [] and result.primary_cell_id is None
-    assert not decode_png(result.instances_png).any()
-    cells = segment(engine, colour).cells
-    assert len(cells) == 1 and cells[0].areas_px["nucleus"] >= 0.15 * cells[0].areas_px["cell"]
+@pytest.mark.parametrize(("nucleus", "centre_x", "kept"), [
+    (0, 150, False),   # cytoplasm only, inside the image: no leukocyte, no cell, never a guess
+    (20, 150, True),   # the same region with a nucleus of its own
+    (0, 30, True),     # cytoplasm only but cut by the image's edge: its nucleus may lie beyond it
+], ids=["no-nucleus", "own-nucleus", "cut-by-the-edge"])
+def test_a_region_without_a_nucleus_of_its_own_is_no_cell(nucleus: int, centre_x: int, kept: bool) -> None:
+    labels = np.zeros((300, 300), np.uint8)
+    labels[:200] = _discs((centre_x, 100, 40, nucleus))[1]
+    window = Window(0, 0, 300, Candidate((max(0, centre_x - 40), 60, 80, 80), 0.9, 1, False))
+    stitched = Stitcher(300, 300, [window])
+    stitched.add(0, labels, np.ones((224, 224), np.float32))
+    assert len(stitched.scores) == (1 if kept else 0)
+    assert bool(stitched.instances.any()) is kept and bool(stitched.labels.any()) is kept
 
 
 @pytest.mark.parametrize("red_cells", [0, 30], ids=["blank", "red-cells-only"])
