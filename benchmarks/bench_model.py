@@ -35,9 +35,8 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model_training.ensemble import build_ensemble
+from model_training.ensemble import build_network
 from model_training.export import load_checkpoint
-from model_training.models import build_model
 
 Runner = Callable[[np.ndarray], object]
 
@@ -131,10 +130,7 @@ def load_torch_model(meta: dict[str, Any], checkpoint: str | None) -> torch.nn.M
     if checkpoint:
         return load_checkpoint(checkpoint)[0]
     train = meta.get("training", {})
-    if "ensemble" in train:
-        return build_ensemble(train).eval()
-    return build_model(meta["architecture"], base_channels=int(train.get("base_channels", 16)),
-                       depth=int(train.get("depth", 4))).eval()
+    return build_network({"model": meta["architecture"], "base_channels": 16, "depth": 4, **train}).eval()
 
 
 def cuda_usable() -> bool:

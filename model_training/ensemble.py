@@ -14,7 +14,6 @@ scores would mix images some member trained on).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +24,6 @@ from torch import nn
 
 from app.engine.contract import sha256_file
 from model_training.models import build_model, count_parameters
-
-logger = logging.getLogger(__name__)
 
 #: Training settings every member must share: what the input looks like and which images are validation.
 SHARED = ("input_size", "stain_norm", "val_fraction", "split_seed", "mask_map", "synthetic")
@@ -51,14 +48,12 @@ class Ensemble(nn.Module):
         return logits / len(self.members)
 
 
-def build_member(cfg: dict[str, Any]) -> nn.Module:
-    """The untrained network one member's (or a plain run's) training config describes."""
+def build_network(cfg: dict[str, Any]) -> nn.Module:
+    """The untrained network a training config describes: one architecture of `build_model`, or, for an
+    ensemble's config (`cfg["ensemble"]`), the `Ensemble` of its members'."""
+    if "ensemble" in cfg:
+        return Ensemble([build_network(member) for member in cfg["ensemble"]])
     return build_model(cfg["model"], base_channels=cfg["base_channels"], depth=cfg["depth"])
-
-
-def build_ensemble(cfg: dict[str, Any]) -> Ensemble:
-    """The untrained ensemble an ensemble checkpoint's config (`config["ensemble"]`) describes."""
-    return Ensemble([build_member(member) for member in cfg["ensemble"]])
 
 
 def _same_reference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -75,10 +70,11 @@ def check_members(states: Sequence[dict[str, Any]], paths: Sequence[str]) -> Non
     Raises:
         ValueError: naming the member and the setting that differs.
     """
-    first, first_path = states[0], paths[0]
-    for state, path in zip(states[1:], paths[1:], strict=True):
+    for state, path in zip(states, paths, strict=True):
         if "ensemble" in state["config"]:
             raise ValueError(f"{path}: is an ensemble already; give its members instead")
+    first, first_path = states[0], paths[0]
+    for state, path in zip(states[1:], paths[1:], strict=True):
         for key in SHARED:
             if state["config"].get(key) != first["config"].get(key):
                 raise ValueError(f"{path}: {key} {state['config'].get(key)!r} differs from "
@@ -90,8 +86,6 @@ def check_members(states: Sequence[dict[str, Any]], paths: Sequence[str]) -> Non
             raise ValueError(f"{path}: classes {state.get('classes')} differ from {first.get('classes')}")
         if sorted(state.get("val_names") or []) != sorted(first.get("val_names") or []):
             raise ValueError(f"{path}: validated on other images than {first_path}")
-    if "ensemble" in first["config"]:
-        raise ValueError(f"{first_path}: is an ensemble already; give its members instead")
 
 
 def combine(paths: Sequence[str]) -> dict[str, Any]:
@@ -110,7 +104,7 @@ def combine(paths: Sequence[str]) -> dict[str, Any]:
     check_members(states, paths)
     members = []
     for state in states:
-        member = build_member(state["config"])
+        member = build_network(state["config"])
         member.load_state_dict(state["model"])
         members.append(member)
     model = Ensemble(members).eval()
@@ -129,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("checkpoints", nargs="+", help="two or more wbc-train checkpoints (best.pt, last.pt, ...)")
     p.add_argument("--out", required=True, help="where to write the ensemble's checkpoint")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = combine(args.checkpoints)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from app.engine.contract import (
     StainNormalization,
     sha256_file,
 )
-from model_training.ensemble import build_ensemble, build_member
+from model_training.ensemble import build_network
 from model_training.models import count_parameters
 from model_training.transforms import input_transform, stain_of
 from model_training.triton import write_repository
@@ -65,9 +65,15 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     in eval mode, with its saved state."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    model = build_ensemble(cfg) if "ensemble" in cfg else build_member(cfg)
+    model = build_network(cfg)
     model.load_state_dict(state["model"])
     return model.eval(), state
+
+
+def best_epoch(state: dict[str, Any]) -> int | None:
+    """The epoch (counted from 1) whose weights a checkpoint holds; None for an ensemble's, whose members
+    each have their own (in `config["ensemble"]`)."""
+    return None if "ensemble" in state["config"] else int(state["epoch"]) + 1
 
 
 def export_onnx(model: nn.Module, path: Path | str, input_size: int = 160) -> None:
@@ -133,9 +139,8 @@ def build_metadata(cfg: ExportConfig, state: dict[str, Any], model: nn.Module, o
     train_cfg = state["config"]
     size = int(train_cfg["input_size"])
     stain = stain_of(train_cfg)
-    # An ensemble's members each have their own best epoch and score (in training.ensemble).
-    chosen = {} if int(state["epoch"]) < 0 else {"best_epoch": int(state["epoch"]) + 1,
-                                                 "val_mean_dice": float(state["best"])}
+    epoch = best_epoch(state)
+    chosen = {} if epoch is None else {"best_epoch": epoch, "val_mean_dice": float(state["best"])}
     return ModelMetadata(
         schema_version=STAIN_SCHEMA_VERSION if stain else SCHEMA_VERSION,
         name=cfg.name, version=cfg.version, architecture=train_cfg["model"],

@@ -19,7 +19,7 @@ from torch import nn
 from app.engine.contract import ModelMetadata, sha256_file
 from app.engine.session import CPU, CUDA, session_options
 from app.engine.transform import InputTransform
-from model_training.export import load_checkpoint
+from model_training.export import best_epoch, load_checkpoint
 from model_training.transforms import input_transform, stain_of
 
 
@@ -122,7 +122,7 @@ def load_model(spec: str, device: torch.device) -> LoadedModel:
     model, state = load_checkpoint(path)
     cfg = state["config"]
     info = {"architecture": cfg["model"], "parameters": state.get("parameters"),
-            "epoch": int(state["epoch"]) + 1 if int(state["epoch"]) >= 0 else None, "sha256": sha}
+            "epoch": best_epoch(state), "sha256": sha}
     size = int(cfg["input_size"])
     return LoadedModel(label or default_label(path), path, "checkpoint", model.to(device), size,
                        input_transform(size, stain_of(cfg)), cfg, state.get("val_names"), info)
