@@ -3,6 +3,7 @@ loop stays free while the model works."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -111,20 +112,41 @@ def test_liveness_answers_while_inference_is_saturated(settings_for: Callable[..
 
 
 def test_a_batch_that_finds_the_queue_full_answers_503(settings_for: Callable[..., Settings],
-                                                       slow_model_path: Path, png_bytes: bytes) -> None:
-    settings = settings_for(model_path=slow_model_path, queue_size=1, max_batch_size=1, max_wait_ms=0)
+                                                       png_bytes: bytes) -> None:
+    settings = settings_for(queue_size=1, max_batch_size=1, max_wait_ms=0)
     with running(settings) as client:
+        # The first model run is held until the batch has been answered (10 s at most). One single is
+        # in that run and the other waits in the queue, each sent only once the one before is in
+        # place, so the batch must find the queue full however fast or slow the machine is.
+        batcher = client.app.state.service.runtime.batcher  # type: ignore[attr-defined]
+        started, release = threading.Event(), threading.Event()
+        run = batcher._run
+        runs = itertools.count()
+
+        def held(images: np.ndarray) -> np.ndarray:
+            if next(runs) == 0:
+                started.set()
+                release.wait(10)
+            return run(images)
+
+        batcher._run = held
         singles = [threading.Thread(target=client.post, args=("/v1/segment",),
                                     kwargs={"files": upload(png_bytes, f"{i}.png")}) for i in range(2)]
-        for thread in singles:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while metric(client, "wbc_inference_queue_depth") < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        files = [("files", (f"{i}.png", png_bytes)) for i in range(4)]
-        response = client.post("/v1/segment/batch", files=files)
-        for thread in singles:
-            thread.join()
+        try:
+            singles[0].start()
+            assert started.wait(30), "the first single reached the model"
+            singles[1].start()
+            deadline = time.monotonic() + 30
+            while batcher.depth() < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert batcher.depth() == 1 and batcher.admitted_count() == 2, "the second single is queued"
+            files = [("files", (f"{i}.png", png_bytes)) for i in range(4)]
+            response = client.post("/v1/segment/batch", files=files)
+        finally:
+            release.set()
+            for thread in singles:
+                if thread.ident is not None:  # started
+                    thread.join()
         problem(response, 503)
         assert response.headers["Retry-After"] == "1"
         assert client.get("/health/ready").status_code == 200, "overload is not unreadiness"
