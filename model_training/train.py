@@ -230,8 +230,7 @@ def weight_average(cfg: TrainConfig, model: nn.Module, out: Path, start: int,
         return None
     averaged = AveragedModel(model, use_buffers=True)
     path = out / "average.pt"
-    if start == 0:
-        (out / "average.csv").unlink(missing_ok=True)
+    open_log(out / "average.csv", start, AVERAGE_FIELDS)
     if start > 0 and path.exists():
         state = torch.load(path, map_location=device, weights_only=False)
         if state["epoch"] < start:
@@ -242,13 +241,9 @@ def weight_average(cfg: TrainConfig, model: nn.Module, out: Path, start: int,
 
 def log_average(path: Path, epoch: int, averaged_epochs: int, scores: dict[str, float]) -> None:
     """Append the weight average's validation after `epoch` (from 0) to `average.csv`."""
-    new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(AVERAGE_FIELDS)
-        writer.writerow([epoch + 1, averaged_epochs,
-                         *(f"{scores[k]:.5f}" for k in ("nucleus", "cytoplasm", "cell", "mean"))])
+        csv.writer(f).writerow([epoch + 1, averaged_epochs,
+                                  *(f"{scores[k]:.5f}" for k in ("nucleus", "cytoplasm", "cell", "mean"))])
     tqdm.write(f"average of {averaged_epochs} epochs: dice nucleus {scores['nucleus']:.4f} "
                f"cytoplasm {scores['cytoplasm']:.4f} cell {scores['cell']:.4f}")
 
@@ -314,15 +309,16 @@ def resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     return start, best, best_epoch, best_scores
 
 
-def open_log(path: Path, start: int) -> None:
-    """Start `log.csv`, or keep the rows of the epochs before `start` when resuming (dropping any later
-    ones, written after the checkpoint that is resumed)."""
+def open_log(path: Path, start: int, fields: Sequence[str] = LOG_FIELDS) -> None:
+    """Start a per-epoch log (`log.csv`, `average.csv`: epoch counted from 1 first), or keep the rows of
+    the epochs before `start` when resuming (dropping any later ones, written after the checkpoint that
+    is resumed)."""
     rows: list[list[str]] = []
     if start > 0 and path.exists():
         with path.open(newline="") as f:
             rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
     with path.open("w", newline="") as f:
-        csv.writer(f).writerows([list(LOG_FIELDS), *rows])
+        csv.writer(f).writerows([list(fields), *rows])
 
 
 def log_epoch(path: Path, epoch: int, lr: float, loss: float, scores: dict[str, float], improved: bool,

@@ -132,6 +132,8 @@ def test_resumed_weight_average_goes_on_from_its_checkpoint(
         tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
     train(tiny_config(tmp_path / "whole", epochs=3, average_from=2))
     train(tiny_config(tmp_path / "parts", epochs=2, average_from=2))
+    with (tmp_path / "parts" / "average.csv").open("a", newline="") as f:  # written before a crash
+        csv.writer(f).writerow(["3", "2", *["0.5"] * 4])
     resume = str(tmp_path / "parts" / "last.pt")
     train(tiny_config(tmp_path / "parts", epochs=3, average_from=2, resume=resume))
 
@@ -140,6 +142,11 @@ def test_resumed_weight_average_goes_on_from_its_checkpoint(
     assert parts["averaged_epochs"] == whole["averaged_epochs"] == 2
     for name, value in _float_weights(whole["model"]).items():
         torch.testing.assert_close(parts["model"][name], value, msg=name)
+    logs = []
+    for run in ("whole", "parts"):
+        with (tmp_path / run / "average.csv").open(newline="") as f:
+            logs.append([(r["epoch"], r["averaged_epochs"], r["val_mean_dice"]) for r in csv.DictReader(f)])
+    assert logs[1] == logs[0] and [row[0] for row in logs[0]] == ["2", "3"]
 
 
 def test_open_log_keeps_only_the_epochs_before_the_resumed_one(tmp_path: Path) -> None:
