@@ -20,11 +20,14 @@ from app.engine.pipeline import Failure, Result
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
-#: One row per file, in the service's batch ZIP and the folder command's `results.csv` alike.
+#: One row per file, in the service's batch ZIP and the folder command's `results.csv` alike. The last
+#: three name what produced the row (`model` of the result): rows of one table can differ, since workers
+#: on different hardware serve different precisions and test-time augmentations.
 RESULT_COLUMNS: tuple[str, ...] = (
     "filename", "width", "height", "cell_count", "primary_cell_id", "pixel_size_um", "pixel_size_source",
     *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS),
-    *(f"fraction_{r}" for r in REGIONS), "nc_ratio", "mask", "instances", "overlay", "error")
+    *(f"fraction_{r}" for r in REGIONS), "nc_ratio", "mask", "instances", "overlay", "error",
+    "model_name", "model_version", "tta")
 #: One row per cell, in `cells.csv` of the batch ZIP and of the folder command.
 CELL_COLUMNS: tuple[str, ...] = (
     "filename", "cell_id", "bbox_x", "bbox_y", "bbox_width", "bbox_height", "centroid_x", "centroid_y",
@@ -140,6 +143,8 @@ def csv_row(document: dict[str, Any], mask: str = "", overlay: str = "",
     keys = ("width", "height", "nc_ratio", "cell_count", "primary_cell_id", "pixel_size_um",
             "pixel_size_source")
     row.update({key: document.get(key) for key in keys})
+    model = document.get("model") or {}
+    row.update(model_name=model.get("name"), model_version=model.get("version"), tta=model.get("tta"))
     for region in REGIONS:
         row[f"area_{region}_px"] = document["areas_px"][region]
         row[f"area_{region}_um2"] = document["areas_um2"][region] if document["areas_um2"] else None

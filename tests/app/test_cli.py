@@ -81,13 +81,14 @@ def test_in_process_run_writes_masks_overlays_and_tables_and_lists_failures(
         with Image.open(out / row["overlay"]) as overlay:
             assert (overlay.mode, overlay.size) == ("RGB", (width, height))
         nucleus_total += counts[2]
+        assert (row["model_name"], row["model_version"], row["tta"]) == ("wbc-tiny", "0.0.1", "none")
     assert nucleus_total > 0
     assert rows["sub/c.png"]["mask"] == "masks/sub/c_png_mask.png"
     assert rows["sub/c.tif"]["mask"] == "masks/sub/c_tif_mask.png"
     assert rows["sub/deeper/d.bmp"]["mask"] == "masks/sub/deeper/d_mask.png"
     for name, status in BAD.items():
         assert rows[name]["error"].startswith(status)
-        assert rows[name]["mask"] == ""
+        assert rows[name]["mask"] == "" and rows[name]["model_version"] == ""
 
     document = json.loads((out / "results.json").read_text())
     assert (document["count"], document["failed"]) == (7, 2)

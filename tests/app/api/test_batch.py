@@ -76,6 +76,9 @@ def test_zip_holds_masks_overlays_csv_and_json(client: TestClient, images: dict[
     rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))
     assert [r["filename"] for r in rows] == ["a.png", "b.jpg", "c.tif", "bad.png"]
     assert rows[3]["error"].startswith("415") and rows[3]["mask"] == ""
+    served = document["results"][0]["model"]
+    assert [(r["model_name"], r["model_version"], r["tta"]) for r in rows] == \
+        [(served["name"], served["version"], served["tta"])] * 3 + [("", "", "")]
     for row, name in zip(rows[:3], images, strict=False):
         mask = png_array(archive.read(row["mask"]))
         assert mask.shape == (int(row["height"]), int(row["width"]))
