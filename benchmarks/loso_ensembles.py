@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REGIONS = ("nucleus", "cytoplasm", "cell")
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loso_table import REGIONS, dice, fmt  # noqa: E402
+
 SOURCES = ("dataset1", "dataset2")
-
-
-def dice(report: Path) -> dict[str, float]:
-    overall = json.loads(report.read_text())["models"][0]["overall"]
-    return {region: 100 * overall[region]["dice"]["mean"] for region in REGIONS}
 
 
 def score(name: str, checkpoint: Path, folder: Path, data: Path, source: str) -> dict[str, dict[str, float]]:
@@ -44,12 +41,6 @@ def score(name: str, checkpoint: Path, folder: Path, data: Path, source: str) ->
                            check=True, stdout=subprocess.DEVNULL)
         scores[side] = dice(out / "report.json")
     return scores
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main() -> None:
