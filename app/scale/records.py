@@ -112,7 +112,8 @@ def write_parquet(output_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def _arrow_type(column: str, pa: Any) -> Any:
     """The type of a table column, fixed, so that a column empty in one run has it too."""
-    if column in ("filename", "pixel_size_source", "mask", "instances", "overlay", "error"):
+    if column in ("filename", "pixel_size_source", "mask", "instances", "overlay", "error", "model_name",
+                  "model_version", "tta"):
         return pa.string()
     if column in ("touches_border", "primary"):
         return pa.bool_()

@@ -81,6 +81,7 @@ def test_parquet_tables_hold_the_csv_rows_typed(ray_run: Path) -> None:
         if not csv_row["error"]:
             assert parquet_row["area_nucleus_px"] == int(csv_row["area_nucleus_px"])
             assert parquet_row["nc_ratio"] == pytest.approx(float(csv_row["nc_ratio"] or "nan"), nan_ok=True)
+            assert parquet_row["model_version"] == csv_row["model_version"] != ""
     cells = pq.read_table(ray_run / "cells.parquet")
     assert cells.schema.field("touches_border").type == "bool"
     assert cells.num_rows == len((ray_run / "cells.csv").read_text().splitlines()) - 1 > 0

@@ -84,6 +84,7 @@ def test_parquet_columns_keep_their_types_when_every_value_is_empty(tmp_path: Pa
     table = pq.read_table(tmp_path / "results.parquet")
     assert table.schema.field("area_cell_um2").type == pa.float64()
     assert table.schema.field("cell_count").type == pa.int64()
+    assert table.schema.field("model_version").type == pa.string()
     assert table.to_pylist()[0]["error"] == "415 d"
     assert pq.read_table(tmp_path / "cells.parquet").num_rows == 0
 
