@@ -23,16 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loso_table import REGIONS, dice, fmt  # noqa: E402
+from benchmarks.loso_table import REGIONS, dice, fmt, other_source  # noqa: E402
 
 SOURCES = ("dataset1", "dataset2")
 
 
 def score(name: str, checkpoint: Path, folder: Path, data: Path, source: str) -> dict[str, dict[str, float]]:
     """Dice per region of `checkpoint` cross-source and in-source, evaluating what is not there yet."""
-    other = "dataset2" if source == "dataset1" else "dataset1"
     scores = {}
-    sides = (("cross", ["--data", str(data / other), "--split", "all"]), ("in", ["--split", "val"]))
+    sides = (("cross", ["--data", str(data / other_source(source)), "--split", "all"]),
+             ("in", ["--split", "val"]))
     for side, extra in sides:
         out = folder / f"{name}-{side}"
         if not (out / "report.json").exists():
@@ -73,14 +73,13 @@ def main() -> None:
             gains.append({side: pairs[(i, j)][side]["cytoplasm"]
                           - (singles[i][side]["cytoplasm"] + singles[j][side]["cytoplasm"]) / 2
                           for side in ("cross", "in")})
-        other = "dataset2" if source == "dataset1" else "dataset1"
         for label, runs in (("single", list(singles.values())), ("two, averaged", list(pairs.values()))):
             cells = [" / ".join(fmt([run[side][r] for run in runs]) for r in REGIONS)
                      for side in ("cross", "in")]
             gain = "—" if label == "single" else " / ".join(
                 f"{statistics.mean(g[side] for g in gains):+.1f}" for side in ("cross", "in"))
-            print(f"| {source} → {other} | {recipe} | {label} | {len(runs)} | {cells[0]} | {cells[1]} "
-                  f"| {gain} |")
+            print(f"| {source} → {other_source(source)} | {recipe} | {label} | {len(runs)} | {cells[0]} "
+                  f"| {cells[1]} | {gain} |")
 
 
 if __name__ == "__main__":

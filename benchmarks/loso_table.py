@@ -21,6 +21,11 @@ RUN = re.compile(rf"^(dataset[12])-([{''.join(RECIPES)}])(?:-(unet))?-s(\d+)-(cr
 MODELS = {"attention_unet": "attention U-Net", "unet": "plain U-Net"}
 
 
+def other_source(source: str) -> str:
+    """The Zheng source a run trained on `source` is scored on across sources."""
+    return "dataset2" if source == "dataset1" else "dataset1"
+
+
 def dice(report: Path) -> dict[str, float]:
     overall = json.loads(report.read_text())["models"][0]["overall"]
     return {region: 100 * overall[region]["dice"]["mean"] for region in REGIONS}
@@ -49,7 +54,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for source, model, (recipe, label) in itertools.product(("dataset1", "dataset2"), MODELS,
                                                               RECIPES.items()):
-        other = "dataset2" if source == "dataset1" else "dataset1"
+        other = other_source(source)
         cross = scores.get((source, recipe, model, "cross"), {})
         within = scores.get((source, recipe, model, "in"), {})
         seeds = sorted(set(cross) & set(within))

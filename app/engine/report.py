@@ -33,6 +33,10 @@ CELL_COLUMNS: tuple[str, ...] = (
     "filename", "cell_id", "bbox_x", "bbox_y", "bbox_width", "bbox_height", "centroid_x", "centroid_y",
     *(f"area_{r}_px" for r in REGIONS), *(f"area_{r}_um2" for r in REGIONS), "nc_ratio", "touches_border",
     "score", "primary")
+#: The columns of either table that hold text; the others hold numbers or booleans. The typed tables of
+#: the Ray job (`app.scale.records`) follow it, so a new text column is typed where it is added.
+TEXT_COLUMNS = frozenset({"filename", "pixel_size_source", "mask", "instances", "overlay", "error",
+                          "model_name", "model_version", "tta"})
 
 
 def printable(text: str) -> str:

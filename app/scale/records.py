@@ -10,7 +10,7 @@ from typing import Any
 
 from app.cli import table_rows
 from app.cli_backends import FatalError
-from app.engine.report import CELL_COLUMNS, RESULT_COLUMNS
+from app.engine.report import CELL_COLUMNS, RESULT_COLUMNS, TEXT_COLUMNS
 
 PROGRESS_FILE = "progress.jsonl"
 
@@ -112,8 +112,7 @@ def write_parquet(output_dir: Path, records: list[dict[str, Any]]) -> None:
 
 def _arrow_type(column: str, pa: Any) -> Any:
     """The type of a table column, fixed, so that a column empty in one run has it too."""
-    if column in ("filename", "pixel_size_source", "mask", "instances", "overlay", "error", "model_name",
-                  "model_version", "tta"):
+    if column in TEXT_COLUMNS:
         return pa.string()
     if column in ("touches_border", "primary"):
         return pa.bool_()
