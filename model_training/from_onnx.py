@@ -12,19 +12,31 @@ identity in eval mode that carries the folded bias:
 
 In eval mode the rebuilt model computes what the ONNX graph computes (checked by `parity`). In
 train mode its BatchNorms would normalise by batch statistics and compute something else: fine-tune
-it with `wbc-train --init … --freeze-bn`.
+it with `wbc-train --init … --freeze-bn`, or give it statistics again with `--batch-statistics`.
+
+`--batch-statistics` passes the run's training images (its recorded data folders and split,
+oversampled as it trained, prepared as validation prepares them) through the rebuilt model and gives
+each BatchNorm the mean μ and variance σ² of its input, changing its affine parameters so that the
+eval-mode function stays the same (`reestimate_batchnorm`: γ' = γ·√(σ²+ε)/√(v+ε), β' = β + (μ − m)·γ/√(v+ε)
+for the previous running mean m and variance v). Batches of training images then normalise much as
+the running statistics do, so the checkpoint fine-tunes in train mode, as the original run did.
+
+An ensemble's export (`model_training.ensemble`) holds its members side by side; `--member K`
+rebuilds member K's checkpoint (the parity check covers the whole graph first).
 
 Usage: `python -m model_training.from_onnx weights/model.onnx runs/shipped/best.pt`
-(`model.json` is read from beside the ONNX file unless `--metadata` names it).
+(`model.json` is read from beside the ONNX file unless `--metadata` names it);
+`python -m model_training.from_onnx weights/model.onnx runs/member1.pt --member 1 --batch-statistics`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -34,9 +46,12 @@ import torch
 from torch import nn
 
 from model_training import CLASS_NAMES
+from model_training.data import oversample, parse_oversample
+from model_training.ensemble import build_network
 from model_training.export import PARITY_TOLERANCE, check_parity
-from model_training.models import build_model, count_parameters
-from model_training.train import TrainConfig
+from model_training.models import count_parameters
+from model_training.train import TrainConfig, load_data
+from model_training.transforms import input_transform, stain_of
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +174,28 @@ def load_folded_weights(model: nn.Module, onnx_path: Path | str) -> dict[str, in
     return {"convolutions": len(done_convs), "folded": folded, "batchnorms": len(done_bns)}
 
 
-def train_config_from_metadata(meta: dict[str, Any]) -> TrainConfig:
+def train_config_from_metadata(meta: dict[str, Any], member: int | None = None) -> TrainConfig:
     """The `TrainConfig` recorded in `model.json`'s `training` (keys `TrainConfig` does not know, such
-    as `best_epoch` or `val_names`, left out)."""
+    as `best_epoch` or `val_names`, left out); for an ensemble, that of its member `member`: the
+    settings the members share with the member's own over them.
+
+    Raises:
+        RebuildError: for an ensemble without `member` (or with one it lacks), a `member` of a single
+            network, or an architecture that differs from `training.model`.
+    """
     training = dict(meta.get("training") or {})
-    if "ensemble" in training:
-        raise RebuildError("model.json: an ensemble's export is rebuilt from its members' checkpoints, "
-                           "not from the ONNX file")
+    members = training.pop("ensemble", None)
     known = {f.name for f in fields(TrainConfig)}
+    if members is not None:
+        if member is None:
+            raise RebuildError(f"model.json: an ensemble of {len(members)} networks; rebuild one of them "
+                               "(--member K)")
+        if not 0 <= member < len(members):
+            raise RebuildError(f"model.json: the ensemble has members 0 to {len(members) - 1}, not {member}")
+        own = {k: v for k, v in members[member].items() if k in known and v is not None}
+        return TrainConfig(**{**{k: v for k, v in training.items() if k in known}, **own})
+    if member is not None:
+        raise RebuildError(f"model.json: {meta.get('architecture')!r} is one network, not an ensemble")
     cfg = TrainConfig(**{k: v for k, v in training.items() if k in known})
     if meta.get("architecture") and meta["architecture"] != cfg.model:
         raise RebuildError(f"model.json: architecture {meta['architecture']!r} but training.model "
@@ -187,35 +216,138 @@ def recorded_scores(meta: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def rebuild(onnx_path: Path | str,
-            metadata_path: Path | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of an exported ONNX file, in eval mode, and a checkpoint dict for it with the
-    keys `train.save_checkpoint` writes.
+def rebuild_graph(onnx_path: Path | str, meta: dict[str, Any]) -> nn.Module:
+    """The whole network of an exported ONNX file (one network or an ensemble), in eval mode.
 
-    The epoch is the recorded best epoch (`training.best_epoch`, counted from 1 there, from 0 in a
-    checkpoint), `best` the recorded `val_mean_dice`, the optimizer state that of a fresh Adam (as a
-    fine-tuning run with `--init` starts anyway).
+    Raises:
+        RebuildError: when the graph does not fit the architecture `meta` records.
     """
+    training = meta.get("training") or {}
+    if "ensemble" in training:
+        model = build_network(training)
+    else:
+        cfg = train_config_from_metadata(meta)
+        model = build_network(asdict(cfg))
+    counts = load_folded_weights(model, onnx_path)
+    logger.info("rebuilt %s from %s: %d convolutions, %d BatchNorms folded", meta.get("architecture"),
+                onnx_path, counts["convolutions"], counts["folded"])
+    if "parameters" in meta and int(meta["parameters"]) != count_parameters(model):
+        raise RebuildError(f"model.json records {meta['parameters']} parameters, the rebuilt model has "
+                           f"{count_parameters(model)}")
+    return model.eval()
+
+
+def checkpoint_of(graph: nn.Module, meta: dict[str, Any],
+                  member: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The network (`graph`, or its member `member` for an ensemble) and a checkpoint dict for it with
+    the keys `train.save_checkpoint` writes.
+
+    The epoch is the recorded best epoch (`best_epoch`, counted from 1 there, from 0 in a checkpoint),
+    `best` the recorded `val_mean_dice`, the optimizer state that of a fresh Adam (as a fine-tuning run
+    with `--init` starts anyway). A member's `scores` are empty: the evaluation recorded in `model.json`
+    is the ensemble's.
+    """
+    cfg = train_config_from_metadata(meta, member)
+    training = meta.get("training") or {}
+    if member is None:
+        model, recorded, scores = graph, training, recorded_scores(meta)
+    else:
+        assert isinstance(graph.members, nn.ModuleList)
+        model, recorded, scores = graph.members[member], training["ensemble"][member], {}
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": int(recorded.get("best_epoch") or 1) - 1,
+             "best": float(recorded.get("val_mean_dice") or -1.0), "config": asdict(cfg),
+             "val_names": list(training.get("val_names", [])), "scores": scores,
+             "classes": list(meta.get("classes") or CLASS_NAMES), "parameters": count_parameters(model)}
+    return model, state
+
+
+def rebuild(onnx_path: Path | str, metadata_path: Path | str | None = None,
+            member: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of an exported ONNX file (or member `member` of an ensemble's), in eval mode,
+    and its checkpoint dict (`checkpoint_of`)."""
     onnx_path = Path(onnx_path)
     metadata_path = Path(metadata_path) if metadata_path else onnx_path.with_name("model.json")
     meta = json.loads(metadata_path.read_text())
-    cfg = train_config_from_metadata(meta)
-    model = build_model(cfg.model, **cfg.model_kwargs())
-    counts = load_folded_weights(model, onnx_path)
+    train_config_from_metadata(meta, member)    # refuse a wrong `member` before reading the graph
+    return checkpoint_of(rebuild_graph(onnx_path, meta), meta, member)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, inputs: Iterable[np.ndarray | torch.Tensor],
+                         batch_size: int = 8) -> int:
+    """Give every BatchNorm of `model` the mean and variance of its input over `inputs` (`(3, h, w)`
+    network inputs) as running statistics, and change its affine parameters so that the model computes
+    in eval mode what it computed before (see the module docstring). Returns how many BatchNorms.
+
+    Raises:
+        ValueError: when `inputs` is empty.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    sums: dict[int, torch.Tensor] = {}
+    squares: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def record(index: int) -> Any:
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().double().transpose(0, 1).flatten(1)     # (C, N·H·W)
+            sums[index] = sums.get(index, 0) + x.sum(1)
+            squares[index] = squares.get(index, 0) + (x * x).sum(1)
+            counts[index] = counts.get(index, 0) + x.shape[1]
+        return hook
+
+    handles = [bn.register_forward_pre_hook(record(i)) for i, bn in enumerate(bns)]
+    was_training = model.training
     model.eval()
-    training = meta.get("training") or {}
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": int(training.get("best_epoch", 1)) - 1,
-             "best": float(training.get("val_mean_dice", -1.0)), "config": asdict(cfg),
-             "val_names": list(training.get("val_names", [])), "scores": recorded_scores(meta),
-             "classes": list(meta.get("classes") or CLASS_NAMES), "parameters": count_parameters(model)}
-    if "parameters" in meta and int(meta["parameters"]) != state["parameters"]:
-        raise RebuildError(f"model.json records {meta['parameters']} parameters, the rebuilt model has "
-                           f"{state['parameters']}")
-    logger.info("rebuilt %s from %s: %d convolutions, %d BatchNorms folded", cfg.model, onnx_path,
-                counts["convolutions"], counts["folded"])
-    return model, state
+    try:
+        batch: list[torch.Tensor] = []
+        for item in inputs:
+            batch.append(torch.as_tensor(item, dtype=torch.float32))
+            if len(batch) == batch_size:
+                model(torch.stack(batch))
+                batch = []
+        if batch:
+            model(torch.stack(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if bns and not counts:
+        raise ValueError("no inputs to estimate BatchNorm statistics from")
+    for i, bn in enumerate(bns):
+        assert bn.running_mean is not None and bn.running_var is not None
+        mean = sums[i] / counts[i]
+        var = (squares[i] / counts[i] - mean * mean).clamp_min(0)
+        if bn.weight is None or bn.bias is None:
+            raise RebuildError("a BatchNorm without affine parameters cannot keep its function with new "
+                               "statistics")
+        old_scale = torch.sqrt(bn.running_var.double() + bn.eps)
+        new_scale = torch.sqrt(var + bn.eps)
+        gamma = bn.weight.double()
+        bn.bias.copy_(bn.bias.double() + (mean - bn.running_mean.double()) * gamma / old_scale)
+        bn.weight.copy_(gamma * new_scale / old_scale)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    return len(bns)
+
+
+def training_inputs(cfg: TrainConfig) -> list[np.ndarray]:
+    """The network inputs of a run's training images: its split, oversampled as it trained, prepared at
+    its input size with its stain normalisation, without augmentation."""
+    train_set, _ = load_data(cfg)
+    transform = input_transform(cfg.input_size, stain_of(asdict(cfg)))
+    return [transform(s.image) for s in oversample(train_set, parse_oversample(cfg.oversample))]
+
+
+def train_mode_gap(model: nn.Module, inputs: Sequence[np.ndarray], batch_size: int = 8) -> float:
+    """Mean |train-mode − eval-mode| logit over the first batch of `inputs` (how far batch statistics
+    take the model from what it computes in eval mode); the model's BatchNorm statistics are kept."""
+    probe = copy.deepcopy(model)
+    x = torch.stack([torch.as_tensor(a) for a in inputs[:batch_size]])
+    with torch.no_grad():
+        reference = probe.eval()(x)
+        return float((probe.train()(x) - reference).abs().mean())
 
 
 def parity(model: nn.Module, onnx_path: Path | str, input_size: int, seed: int = 0,
@@ -238,21 +370,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("onnx", help="model.onnx written by wbc-export")
     p.add_argument("checkpoint", help="where to write the rebuilt checkpoint (e.g. runs/shipped/best.pt)")
     p.add_argument("--metadata", default=None, help="model.json (default: beside the ONNX file)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the parity check")
+    p.add_argument("--member", type=int, default=None, help="for an ensemble's export: the member to rebuild")
+    p.add_argument("--batch-statistics", action="store_true",
+                   help="re-estimate the BatchNorm statistics from the run's training images, so that the "
+                        "checkpoint fine-tunes in train mode")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="the dataset folders, where they are no longer where model.json records them")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, state = rebuild(args.onnx, args.metadata)
-    worst = parity(model, args.onnx, int(state["config"]["input_size"]), tolerance=args.tolerance)
+    metadata = Path(args.metadata) if args.metadata else Path(args.onnx).with_name("model.json")
+    meta = json.loads(metadata.read_text())
+    cfg = train_config_from_metadata(meta, args.member)   # refuses a wrong --member before the graph is read
+    graph = rebuild_graph(args.onnx, meta)
+    worst = parity(graph, args.onnx, cfg.input_size, tolerance=args.tolerance)
+    model, state = checkpoint_of(graph, meta, args.member)
+    note = ""
+    if args.batch_statistics:
+        if args.data:
+            cfg.data = list(args.data)
+        inputs = training_inputs(cfg)
+        before = copy.deepcopy(model).eval()
+        gap_before = train_mode_gap(model, inputs)
+        count = reestimate_batchnorm(model, inputs)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.input_size, cfg.input_size),
+                                                                     dtype=np.float32))
+        with torch.no_grad():
+            change = float((model.eval()(x) - before(x)).abs().max())
+        if change > args.tolerance:
+            raise RebuildError(f"re-estimating the BatchNorm statistics changed the eval-mode logits by "
+                               f"{change:.3g}")
+        state["model"] = model.state_dict()
+        note = (f"; {count} BatchNorms re-estimated over {len(inputs)} training inputs (eval-mode change "
+                f"{change:.3g}; mean train-mode gap {gap_before:.3g} -> {train_mode_gap(model, inputs):.3g})")
     out = Path(args.checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(out)
     print(f"wrote {out}: {state['config']['model']} ({state['parameters']} parameters), epoch "
-          f"{state['epoch'] + 1}, {len(state['val_names'])} val names, parity max abs diff {worst:.3g}")
+          f"{state['epoch'] + 1}, {len(state['val_names'])} val names, parity max abs diff {worst:.3g}{note}")
     return 0
 
 

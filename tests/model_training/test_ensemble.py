@@ -112,3 +112,23 @@ def test_ensemble_exports_as_one_graph_with_parity(pair: Path, tmp_path: Path) -
     np.testing.assert_allclose(onnx_logits.numpy(), torch_logits.numpy(), atol=export.PARITY_TOLERANCE)
     with pytest.raises(from_onnx.RebuildError, match="ensemble"):
         from_onnx.rebuild(tmp_path / "model.onnx")
+
+
+def test_a_member_is_rebuilt_from_the_ensemble_export(tiny_run: TinyRun, second_run: Path, pair: Path,
+                                                      tmp_path: Path) -> None:
+    export.export(export.ExportConfig(checkpoint=str(pair), out_dir=str(tmp_path), version="9.9.9"))
+    original, original_state = export.load_checkpoint(second_run)
+
+    member, state = from_onnx.rebuild(tmp_path / "model.onnx", member=1)
+
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(member(x), original(x), atol=export.PARITY_TOLERANCE, rtol=0)
+    assert state["config"]["seed"] == 1 and state["config"]["model"] == original_state["config"]["model"]
+    assert state["epoch"] == original_state["epoch"] and state["scores"] == {}
+    assert state["parameters"] == export.count_parameters(original)
+    with pytest.raises(from_onnx.RebuildError, match="members 0 to 1"):
+        from_onnx.rebuild(tmp_path / "model.onnx", member=2)
+    single = {"architecture": "attention_unet", "training": state["config"]}
+    with pytest.raises(from_onnx.RebuildError, match="not an ensemble"):
+        from_onnx.train_config_from_metadata(single, member=0)

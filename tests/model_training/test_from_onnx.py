@@ -1,5 +1,6 @@
 """`from_onnx`: a checkpoint rebuilt from an export whose BatchNorms were folded computes what the
-ONNX graph computes, carries `save_checkpoint`'s keys, and fine-tunes with `--init … --freeze-bn`."""
+ONNX graph computes, carries `save_checkpoint`'s keys, and fine-tunes with `--init … --freeze-bn`, or in
+train mode once its BatchNorm statistics are re-estimated (`--batch-statistics`)."""
 
 from __future__ import annotations
 
@@ -138,3 +139,56 @@ def test_cli_rebuilds_the_exported_tiny_model_and_it_fine_tunes_with_frozen_batc
         if "running_" in name or "num_batches" in name:
             assert torch.equal(tuned[name], value), f"{name} moved with frozen BatchNorm"
     assert any(not torch.equal(tuned[n], state["model"][n]) for n in state["model"] if n.endswith(".weight"))
+
+
+def _synthetic_inputs(count: int, size: int = 32) -> list[np.ndarray]:
+    from model_training.synthetic import make_samples
+    from model_training.transforms import input_transform
+
+    transform = input_transform(size)
+    return [transform(s.image) for s in make_samples(count, size=48, seed=5)]
+
+
+def test_reestimated_statistics_keep_the_eval_function_and_close_the_train_mode_gap(
+        folded_export: tuple[nn.Module, Path]) -> None:
+    _, path = folded_export
+    rebuilt, _ = from_onnx.rebuild(path)
+    inputs = _synthetic_inputs(16)
+    gap_before = from_onnx.train_mode_gap(rebuilt, inputs)
+
+    count = from_onnx.reestimate_batchnorm(rebuilt, inputs)
+
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
+    assert from_onnx.parity(rebuilt, path, input_size=32) <= 1e-4   # eval mode: still the ONNX graph
+    assert not rebuilt.training
+    bn = next(m for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d))
+    assert bn.running_mean is not None and float(bn.running_mean.abs().max()) > 0
+    gap_after = from_onnx.train_mode_gap(rebuilt, inputs)
+    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)
+
+
+def test_reestimation_refuses_no_inputs(folded_export: tuple[nn.Module, Path]) -> None:
+    rebuilt, _ = from_onnx.rebuild(folded_export[1])
+
+    with pytest.raises(ValueError, match="no inputs"):
+        from_onnx.reestimate_batchnorm(rebuilt, [])
+
+
+def test_cli_re_estimated_checkpoint_fine_tunes_in_train_mode(tiny_model_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "shipped.pt"
+
+    rc = from_onnx.main([str(tiny_model_dir / "model.onnx"), str(checkpoint), "--batch-statistics"])
+
+    assert rc == 0
+    assert "BatchNorms re-estimated over" in capsys.readouterr().out
+    state = torch.load(checkpoint, weights_only=False)
+    means = [v for k, v in state["model"].items() if k.endswith("running_mean")]
+    assert means and any(float(v.abs().max()) > 0 for v in means)
+    cfg = TrainConfig(**{**state["config"], "epochs": 1, "lr": 1e-3, "init": str(checkpoint),
+                         "out": str(tmp_path / "ft"), "threads": 1})
+    train(cfg)
+    tuned = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    moved = [k for k in state["model"]
+             if k.endswith("running_mean") and not torch.equal(tuned[k], state["model"][k])]
+    assert moved, "train mode updates the re-estimated statistics"
