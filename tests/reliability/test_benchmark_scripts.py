@@ -62,3 +62,39 @@ def test_bench_tta_times_the_three_modes_side_by_side(tiny_model_dir: Path) -> N
         assert min(none_ms, mirror_ms, dihedral_ms) > 0
         assert mirror_ratio == pytest.approx(mirror_ms / none_ms, rel=0.05, abs=0.01)
         assert dihedral_ratio == pytest.approx(dihedral_ms / none_ms, rel=0.05, abs=0.01)
+
+
+def _entry(label: str, dice: dict[str, list[float]]) -> dict[str, object]:
+    n = len(dice["nucleus"])
+    rows = [{"source": "d", "name": f"{i:03d}", "scores": {r: {"dice": dice[r][i]} for r in dice}}
+            for i in range(n)]
+    return {"label": label, "per_image": rows}
+
+
+def test_paired_gain_reports_the_mean_difference_its_standard_error_and_the_counts(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import paired_gain
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    base = {"nucleus": [0.90, 0.90, 0.90, 0.90], "cytoplasm": [0.80] * 4, "cell": [0.95] * 4}
+    cand = {"nucleus": [0.91, 0.92, 0.89, 0.90], "cytoplasm": [0.80] * 4, "cell": [0.95] * 4}
+    report = {"models": [_entry("B", base), _entry("A", cand)]}
+
+    result = paired_gain.paired(report, "A", "B")
+
+    nucleus = result["nucleus"]
+    assert nucleus["gain"] == pytest.approx(0.5)                  # (+1 +2 −1 0) / 4 points
+    diffs = [1.0, 2.0, -1.0, 0.0]
+    sd = (sum((d - 0.5) ** 2 for d in diffs) / 3) ** 0.5
+    assert nucleus["se"] == pytest.approx(sd / 2)
+    assert (nucleus["better"], nucleus["worse"]) == (2, 1)
+    assert result["cytoplasm"]["gain"] == pytest.approx(0) and result["cytoplasm"]["better"] == 0
+    assert result["mean"]["gain"] == pytest.approx(0.5 / 3)
+    with pytest.raises(KeyError, match="'C' is not in the report"):
+        paired_gain.paired(report, "C", "B")
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    run = _run("paired_gain.py", str(path), "A", "B")
+    assert run.returncode == 0, run.stderr
+    assert "A minus B" in run.stdout and "+0.500" in run.stdout
