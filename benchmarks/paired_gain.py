@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REGIONS = ("nucleus", "cytoplasm", "cell")
+from model_training.metrics import REGIONS
 
 
 def per_image_dice(entry: dict[str, Any]) -> dict[tuple[str, str], dict[str, float]]:
