@@ -78,6 +78,15 @@ def data_config(model: LoadedModel, cfg: EvaluateConfig) -> TrainConfig:
     return train_cfg
 
 
+def data_description(train_cfg: TrainConfig) -> dict[str, Any]:
+    """What a model is scored on, as the report records it: the folders as absolute paths, so that one
+    folder named two ways (relative on the command line, absolute in an export's metadata) is one data
+    set, loaded once and not flagged as different images."""
+    folders = [] if train_cfg.synthetic else [str(Path(f).resolve()) for f in train_cfg.data]
+    return {"synthetic": train_cfg.synthetic, "folders": folders, "mask_map": train_cfg.mask_map,
+            "split_seed": train_cfg.split_seed}
+
+
 def select_split(samples: Sequence[Sample], split: str, train_cfg: TrainConfig,
                  val_names: Sequence[str] | None) -> list[Sample]:
     """The samples of `split`: by the checkpoint's `val_names` where they name any of these samples,
@@ -192,8 +201,7 @@ def score_all(cfg: EvaluateConfig, device: torch.device) -> tuple[list[dict[str,
         model = load_model(spec, device)
         model.label = _unique(model.label, [e["label"] for e in entries])
         train_cfg = data_config(model, cfg)
-        data = {"synthetic": train_cfg.synthetic, "folders": [] if train_cfg.synthetic else train_cfg.data,
-                "mask_map": train_cfg.mask_map, "split_seed": train_cfg.split_seed}
+        data = data_description(train_cfg)
         key = json.dumps(data)
         if key not in cache:
             cache[key] = load_samples(train_cfg)

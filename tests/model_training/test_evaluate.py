@@ -14,7 +14,14 @@ from PIL import Image
 from app.engine.contract import DEFAULT_NORMALIZATION
 from app.engine.errors import ModelLoadError
 from model_training.data import split_samples
-from model_training.evaluate import EvaluateConfig, _warnings, evaluate, group_name, select_split
+from model_training.evaluate import (
+    EvaluateConfig,
+    _warnings,
+    data_description,
+    evaluate,
+    group_name,
+    select_split,
+)
 from model_training.loading import default_label, load_model
 from model_training.metrics import METRICS, REGIONS
 from model_training.report import compare_groups, group_runs, permutation_p
@@ -209,3 +216,14 @@ def test_onnx_is_scored_with_the_preprocessing_its_metadata_records(tiny_export:
     norm = DEFAULT_NORMALIZATION
     assert np.allclose(delta[:, 0, 0], (0.5 - np.array(norm.mean)) / norm.std,
                        atol=1e-5)
+
+
+def test_one_folder_named_two_ways_is_one_data_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = data_description(TrainConfig(data=["data"]))
+    absolute = data_description(TrainConfig(data=[str(tmp_path / "data")]))
+    other = data_description(TrainConfig(data=[str(tmp_path / "other")]))
+
+    assert relative == absolute
+    assert relative != other
