@@ -25,7 +25,8 @@ An ensemble's export (`model_training.ensemble`) holds its members side by side;
 rebuilds member K's checkpoint (the parity check covers the whole graph first).
 
 Usage: `python -m model_training.from_onnx weights/model.onnx runs/shipped/best.pt`
-(`model.json` is read from beside the ONNX file unless `--metadata` names it);
+(the metadata is read from beside the ONNX file, `<stem>.json` else `model.json`, as the service
+reads it, unless `--metadata` names it);
 `python -m model_training.from_onnx weights/model.onnx runs/member1.pt --member 1 --batch-statistics`.
 """
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.engine.contract import metadata_path as metadata_beside
 from model_training import CLASS_NAMES
 from model_training.data import oversample, parse_oversample
 from model_training.ensemble import build_network
@@ -217,8 +219,9 @@ def recorded_scores(meta: dict[str, Any]) -> dict[str, float]:
 
 
 def read_metadata(onnx_path: Path | str, metadata_path: Path | str | None = None) -> dict[str, Any]:
-    """`model.json` of an export: `metadata_path`, or the one beside the ONNX file."""
-    path = Path(metadata_path) if metadata_path else Path(onnx_path).with_name("model.json")
+    """The metadata of an export: `metadata_path`, or the file the service would read beside the ONNX
+    file (`<stem>.json`, else `model.json`)."""
+    path = Path(metadata_path) if metadata_path else metadata_beside(Path(onnx_path))
     return dict(json.loads(path.read_text()))
 
 
@@ -373,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("onnx", help="model.onnx written by wbc-export")
     p.add_argument("checkpoint", help="where to write the rebuilt checkpoint (e.g. runs/shipped/best.pt)")
-    p.add_argument("--metadata", default=None, help="model.json (default: beside the ONNX file)")
+    p.add_argument("--metadata", default=None,
+                   help="the metadata (default: <stem>.json, else model.json, beside the ONNX file)")
     p.add_argument("--member", type=int, default=None, help="for an ensemble's export: the member to rebuild")
     p.add_argument("--batch-statistics", action="store_true",
                    help="re-estimate the BatchNorm statistics from the run's training images, so that the "

@@ -117,6 +117,17 @@ def test_rebuild_refuses_a_graph_of_another_architecture(folded_export: tuple[nn
         from_onnx.rebuild(path, tmp_path / "model.json")
 
 
+def test_metadata_is_found_as_the_service_finds_it(folded_export: tuple[nn.Module, Path],
+                                                  tmp_path: Path) -> None:
+    _, path = folded_export
+    (tmp_path / "v22.onnx").write_bytes(path.read_bytes())
+    (tmp_path / "v22.json").write_text(path.with_name("model.json").read_text())
+
+    _, state = from_onnx.rebuild(tmp_path / "v22.onnx")    # no model.json in tmp_path: v22.json is read
+
+    assert state["val_names"] == ["synthetic/007"]
+
+
 def test_cli_rebuilds_the_exported_tiny_model_and_it_fine_tunes_with_frozen_batchnorm(
         tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = tmp_path / "shipped" / "best.pt"
