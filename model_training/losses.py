@@ -7,35 +7,48 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: How `soft_dice_loss` pools: over the whole batch, or per image and then averaged.
+DICE_POOLING = ("batch", "image")
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
-                   include_background: bool = False) -> torch.Tensor:
-    """1 − mean soft Dice over classes, pooled over the batch.
+                   include_background: bool = False, pooling: str = "batch") -> torch.Tensor:
+    """1 − mean soft Dice over classes.
 
     Args:
         logits: `(N, C, H, W)` raw scores.
         target: `(N, H, W)` class indices.
         eps: smoothing, so that a class absent from both prediction and target scores 1.
         include_background: whether class 0 counts.
+        pooling: "batch" sums each class over the whole batch before the ratio, so that large regions
+            weigh most; "image" takes each image's Dice and averages them, as the evaluation's
+            per-image mean does, so that a thin cytoplasm rim counts as much as a wide one.
     """
+    if pooling not in DICE_POOLING:
+        raise ValueError(f"pooling must be one of {DICE_POOLING}, not {pooling!r}")
     probs = logits.float().softmax(dim=1)
     onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
+    dims = (0, 2, 3) if pooling == "batch" else (2, 3)
     inter = (probs * onehot).sum(dims)
     total = probs.sum(dims) + onehot.sum(dims)
-    dice = (2 * inter + eps) / (total + eps)
+    dice = (2 * inter + eps) / (total + eps)      # (C,) or (N, C)
     if not include_background:
-        dice = dice[1:]
+        dice = dice[..., 1:]
     return 1 - dice.mean()
 
 
 class DiceCELoss(nn.Module):
     """`ce_weight · CE + dice_weight · soft Dice`, the loss `wbc-train` optimises."""
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, dice_pooling: str = "batch") -> None:
         super().__init__()
+        if dice_pooling not in DICE_POOLING:
+            raise ValueError(f"dice_pooling must be one of {DICE_POOLING}, not {dice_pooling!r}")
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
+        self.dice_pooling = dice_pooling
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), target)
-        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(logits, target)
+        dice = soft_dice_loss(logits, target, pooling=self.dice_pooling)
+        return self.ce_weight * ce + self.dice_weight * dice

@@ -26,7 +26,7 @@ from app.engine.stain import reference_statistics
 from app.engine.transform import InputTransform
 from model_training import CLASS_NAMES
 from model_training.data import MaskMap, Sample, load_folders, oversample, parse_oversample, split_samples
-from model_training.losses import DiceCELoss
+from model_training.losses import DICE_POOLING, DiceCELoss
 from model_training.metrics import REGIONS, region_scores, summarize
 from model_training.models import build_model, count_parameters
 from model_training.predict import predict_labels
@@ -92,6 +92,7 @@ class TrainConfig:
     average_from: int = 0          # epoch (from 1) whose weights start a running mean, average.pt (0 = off)
     stain_norm: bool = False       # Reinhard stain normalisation of every network input (app.engine.stain)
     stain_reference: dict[str, Any] | None = None  # its reference: the training images' CIELAB statistics
+    dice_pooling: str = "batch"    # the loss's soft Dice: pooled over the batch, or per image (losses.py)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"base_channels": self.base_channels, "depth": self.depth}
@@ -377,7 +378,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                       generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
-    loss_fn = DiceCELoss()
+    loss_fn = DiceCELoss(dice_pooling=cfg.dice_pooling)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -456,6 +457,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    help="from this epoch (counted from 1) on, also keep the running mean of the weights "
                         "after each epoch (stochastic weight averaging): average.pt and average.csv; "
                         "0 = off. Pair it with a flat rate (--min-lr-ratio 1)")
+    p.add_argument("--dice-pooling", choices=DICE_POOLING, default=defaults.dice_pooling,
+                   help="the loss's soft Dice: 'batch' pools each class over the batch (large cells weigh "
+                        "most); 'image' averages each image's Dice, as the evaluation does")
     args = vars(p.parse_args(argv))
     args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
     args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)

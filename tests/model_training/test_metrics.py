@@ -91,3 +91,23 @@ def test_loss_is_lower_for_the_right_answer() -> None:
     assert float(loss(right, target)) < 0.01
     assert float(loss(wrong, target)) > 1.0
     assert float(soft_dice_loss(right, target)) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_per_image_dice_weighs_a_small_region_as_much_as_a_large_one() -> None:
+    # Two images: a large cytoplasm predicted right, a thin one predicted wrong. Pooled over the batch
+    # the large one swamps the error; averaged per image the thin one costs half the Dice.
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[0, 2:30, 2:30] = 1
+    target[1, 10:12, 10:20] = 1
+    guess = target.clone()
+    guess[1] = 0
+    logits = torch.nn.functional.one_hot(guess, 3).permute(0, 3, 1, 2).float() * 20
+    batch = float(soft_dice_loss(logits, target, pooling="batch"))
+    image = float(soft_dice_loss(logits, target, pooling="image"))
+    # Nucleus is absent everywhere and scores 1 (smoothing); the thin region's Dice is 1/21 (smoothing).
+    assert batch < 0.02
+    assert image == pytest.approx(1 - (1 + 1 + 1 + 1 / 21) / 4, abs=1e-3)
+    assert image > 10 * batch
+    assert float(DiceCELoss(dice_pooling="image")(logits, target)) > float(DiceCELoss()(logits, target))
+    with pytest.raises(ValueError, match="pooling"):
+        soft_dice_loss(logits, target, pooling="pixel")
