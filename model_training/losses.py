@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 #: How `soft_dice_loss` pools: over the whole batch, or per image and then averaged.
 DICE_POOLING = ("batch", "image")
 
