@@ -93,6 +93,8 @@ class TrainConfig:
     stain_norm: bool = False       # Reinhard stain normalisation of every network input (app.engine.stain)
     stain_reference: dict[str, Any] | None = None  # its reference: the training images' CIELAB statistics
     dice_pooling: str = "batch"    # the loss's soft Dice: pooled over the batch, or per image (losses.py)
+    blur_max: float = 1.2          # largest blur σ of the augmentation, pixels at --input-size
+    noise_std: float = 0.02        # largest sensor-noise σ of the augmentation (intensities in [0, 1])
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"base_channels": self.base_channels, "depth": self.depth}
@@ -374,7 +376,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "frozen" if cfg.freeze_bn else "training", f"σ {cfg.hed:g}" if cfg.hed else "off",
                     f"Reinhard to CIELAB mean {stain.mean} sd {stain.std}" if stain else "off")
     window = WINDOW_FRACTION if cfg.window_scale else None
-    augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed, window_fraction=window),
+    augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed, window_fraction=window,
+                                                    blur_sigma=(min(0.3, cfg.blur_max), cfg.blur_max),
+                                                    noise_std=cfg.noise_std),
                       generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
@@ -423,7 +427,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     for name in ("base_channels", "depth", "input_size", "batch_size", "warmup_epochs",
                  "split_seed", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("weight_decay", "min_lr_ratio", "val_fraction"):
+    for name in ("weight_decay", "min_lr_ratio", "val_fraction", "blur_max", "noise_std"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     # SUPPRESS: absent unless given, so that --synthetic can pick its own defaults.
     p.add_argument("--epochs", type=int, default=argparse.SUPPRESS,

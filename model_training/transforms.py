@@ -80,6 +80,7 @@ class AugmentConfig:
     hue: float = 0.04               # fraction of a full turn
     stain: float = 0.08             # per-channel gain
     blur_p: float = 0.25
+    blur_sigma: tuple[float, float] = (0.3, 1.2)  # Gaussian blur σ in pixels at the model's input size
     noise_std: float = 0.02
     hed: float = 0.0                # HED stain jitter σ (Tellez et al.): 0 = off, ~0.05 = light
     # Scale as the engine's windows give it: a square window around the labelled cell in which the cell
@@ -174,7 +175,7 @@ class Augment:
             gains = torch.tensor([self._uniform(-c.stain, c.stain) for _ in range(3)]).view(3, 1, 1)
             x = x * (1 + gains)
         if self._uniform(0, 1) < c.blur_p:
-            x = _gaussian_blur(x, self._uniform(0.3, 1.2))
+            x = _gaussian_blur(x, self._uniform(*c.blur_sigma))
         if c.noise_std:
             x = x + torch.randn(x.shape, generator=self.rng) * self._uniform(0, c.noise_std)
         return x

@@ -196,3 +196,29 @@ def test_hed_jitter_changes_the_colour_but_not_the_geometry() -> None:
 
     assert torch.equal(on[1], off[1]), "the crop, flips and rotation are drawn before the colour"
     assert not torch.equal(on[0], off[0])
+
+
+def test_blur_and_noise_strength_follow_the_config() -> None:
+    image, label = _scene()
+    x, y = to_tensor(image), torch.from_numpy(label).long()
+    only = {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "stain": 0, "blur_p": 1.0,
+            "flip": False, "rotate90": False, "scale_min": 1.0, "zoom_out": 0.0}
+
+    def edges(config: AugmentConfig) -> float:
+        out, _ = Augment(40, config, torch.Generator().manual_seed(3))(x, y)
+        return float((out[:, :, 1:] - out[:, :, :-1]).abs().mean())
+
+    sharp = edges(AugmentConfig(**only, blur_sigma=(0.3, 0.3), noise_std=0.0))
+    soft = edges(AugmentConfig(**only, blur_sigma=(6.0, 6.0), noise_std=0.0))
+    noisy = edges(AugmentConfig(**only, blur_sigma=(0.3, 0.3), noise_std=0.2))
+    assert soft < 0.7 * sharp
+    assert noisy > 1.5 * sharp
+
+
+def test_training_takes_the_blur_and_noise_limits() -> None:
+    from model_training.train import parse_args
+
+    cfg = parse_args(["--synthetic", "--blur-max", "6", "--noise-std", "0.06"])
+    assert (cfg.blur_max, cfg.noise_std) == (6.0, 0.06)
+    default = parse_args(["--synthetic"])
+    assert (default.blur_max, default.noise_std) == (1.2, 0.02)

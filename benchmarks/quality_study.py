@@ -1,0 +1,175 @@
+"""The whole engine under another lab's camera: compression, defocus, sensor noise, tone curve, colour
+cast and a coarser sensor, applied to the BCCD validation fields and the Zheng validation crops.
+
+    .venv/bin/python benchmarks/quality_study.py [--model weights/model.onnx]   # a few minutes
+
+The stain changes of another lab are measured by `finder_stain_study.py`; this is the rest of what
+differs between microscopes and cameras. For each condition, one table row:
+
+- BCCD validation fields (`finder_study.py`'s split): recall and precision of the result cells' boxes
+  against the WBC boxes at IoU >= 0.5, and the WBC-free side strips that give a cell;
+- Zheng validation crops of the shipped model (`cells_study.zheng_val_names`): Dice of the primary
+  cell's nucleus, cytoplasm and cell against the expert mask (mean over crops, a crop without a primary
+  cell scoring 0), and how many crops gave none.
+
+Sizes are relative to the leukocyte, so that a 120 px crop and a 640 px field are blurred alike: blur
+σ is a share of the cell's diameter (the WBC box's mean side on BCCD, 0.62 of the crop's side on the
+Zheng crops, their median framing). The engine is the service's on the CPU (int8 variant, no
+test-time augmentation), fed lossless PNG bytes of each changed image (the JPEG rows: the pixels of
+the JPEG round trip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_cells import open_engine, png_bytes
+from benchmarks.cells_study import cell_corners, dice, segment, zheng_val_names
+from benchmarks.finder_study import BCCD, ZHENG, free_strip, load_bccd, match, read_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+#: The Zheng crops show their cell over 0.57-0.68 of the side (docs/cells.md).
+ZHENG_CELL_SHARE = 0.62
+
+Change = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+
+
+def _jpeg(quality: int) -> Change:
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert ok
+        return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return change
+
+
+def _blur(share: float) -> Change:
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        return cv2.GaussianBlur(rgb, (0, 0), share * cell)
+    return change
+
+
+def _noise(sigma: float) -> Change:
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(rgb + rng.normal(0, sigma, rgb.shape), 0, 255).astype(np.uint8)
+    return change
+
+
+def _gamma(gamma: float) -> Change:
+    table = np.clip(255 * (np.arange(256) / 255) ** gamma + 0.5, 0, 255).astype(np.uint8)
+
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        return table[rgb]
+    return change
+
+
+def _cast(gains: tuple[float, float, float]) -> Change:
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        return np.clip(rgb * np.asarray(gains, np.float32), 0, 255).astype(np.uint8)
+    return change
+
+
+def _coarser(factor: float) -> Change:
+    def change(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        small = cv2.resize(rgb, (max(1, round(w * factor)), max(1, round(h * factor))),
+                           interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return change
+
+
+def _identity(rgb: np.ndarray, cell: float, rng: np.random.Generator) -> np.ndarray:
+    return rgb
+
+
+CONDITIONS: dict[str, Change] = {
+    "as is": _identity,
+    "JPEG quality 50": _jpeg(50),
+    "JPEG quality 20": _jpeg(20),
+    "defocus, blur σ 2 % of the cell": _blur(0.02),
+    "defocus, blur σ 4 % of the cell": _blur(0.04),
+    "sensor noise σ 8 grey levels": _noise(8),
+    "sensor noise σ 16 grey levels": _noise(16),
+    "tone curve γ 0.7 (lighter)": _gamma(0.7),
+    "tone curve γ 1.4 (darker)": _gamma(1.4),
+    "warm cast (R ×1.1, B ×0.9)": _cast((1.1, 1.0, 0.9)),
+    "cool cast (R ×0.9, B ×1.1)": _cast((0.9, 1.0, 1.1)),
+    "coarser sensor (½ resolution, upsampled)": _coarser(0.5),
+}
+
+
+def bccd_row(engine, change: Change, val, boxes, images, seed: int) -> tuple[float, float, int]:
+    rng = np.random.default_rng(seed)
+    tp = fp = fn = strips = 0
+    for name in val:
+        truth = boxes.get(name, [])
+        sides = [((x1 - x0) + (y1 - y0)) / 2 for x0, y0, x1, y1 in truth]
+        cell = float(np.mean(sides)) if sides else 110.0
+        image = change(images[name], cell, rng)
+        result, _, _, _ = segment(engine, name, png_bytes(image))
+        matched, extra, missed = match([cell_corners(c) for c in result.cells], truth)
+        tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
+        strip = free_strip(image, truth)
+        if strip is not None:
+            strip_result, _, _, _ = segment(engine, "strip.png", png_bytes(strip))
+            strips += bool(strip_result.cells)
+    return tp / max(1, tp + fn), tp / max(1, tp + fp), strips
+
+
+def zheng_row(engine, change: Change, entries: list[str], seed: int) -> tuple[dict[str, float], int]:
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {"nucleus": [], "cytoplasm": [], "cell": []}
+    none = 0
+    for entry in entries:
+        dataset, stem = entry.split("/")
+        rgb = read_rgb(ZHENG / dataset / "images" / f"{stem}.bmp")
+        mask = cv2.imread(str(ZHENG / dataset / "masks" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
+        truth = np.digitize(mask, [64, 192])           # 0 / 128 / 255 → 0, 1, 2
+        image = change(rgb, ZHENG_CELL_SHARE * min(rgb.shape[:2]), rng)
+        result, instances, labels, _ = segment(engine, f"{stem}.png", png_bytes(image))
+        if result.primary_cell_id is None:
+            none += 1
+            mine = np.zeros(truth.shape, np.uint8)
+        else:
+            mine = np.where(instances == result.primary_cell_id, labels, 0)
+        scores["nucleus"].append(dice(mine == 2, truth == 2))
+        scores["cytoplasm"].append(dice(mine == 1, truth == 1))
+        scores["cell"].append(dice(mine > 0, truth > 0))
+    return {k: 100 * float(np.mean(v)) for k, v in scores.items()}, none
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "weights" / "model.onnx",
+                        help="ONNX model (the CPU serves its int8 variant when one lies beside it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sensor noise")
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    _, val, boxes = load_bccd()
+    images = {name: read_rgb(BCCD / "images" / name) for name in val}
+    entries = zheng_val_names()
+    engine = open_engine(args.model)
+    truth_count = sum(len(boxes.get(n, [])) for n in val)
+    print(f"{args.model.name}: BCCD validation {len(val)} fields, {truth_count} WBC boxes; "
+          f"Zheng validation {len(entries)} crops, primary cell\n")
+    print("| condition | BCCD recall / precision | strips with a cell | Zheng nucleus / cytoplasm / cell "
+          "| crops without a cell |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, change in CONDITIONS.items():
+        recall, precision, strips = bccd_row(engine, change, val, boxes, images, args.seed)
+        dices, none = zheng_row(engine, change, entries, args.seed)
+        print(f"| {label} | {recall:.3f} / {precision:.3f} | {strips} | "
+              f"{dices['nucleus']:.2f} / {dices['cytoplasm']:.2f} / {dices['cell']:.2f} | {none} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
