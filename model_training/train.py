@@ -376,9 +376,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "frozen" if cfg.freeze_bn else "training", f"σ {cfg.hed:g}" if cfg.hed else "off",
                     f"Reinhard to CIELAB mean {stain.mean} sd {stain.std}" if stain else "off")
     window = WINDOW_FRACTION if cfg.window_scale else None
+    blur = {"blur_sigma": (min(0.3, cfg.blur_max), cfg.blur_max)} if cfg.blur_max > 0 else {"blur_p": 0.0}
     augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed, window_fraction=window,
-                                                    blur_sigma=(min(0.3, cfg.blur_max), cfg.blur_max),
-                                                    noise_std=cfg.noise_std),
+                                                    noise_std=cfg.noise_std, **blur),
                       generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
@@ -465,6 +465,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    help="the loss's soft Dice: 'batch' pools each class over the batch (large cells weigh "
                         "most); 'image' averages each image's Dice, as the evaluation does")
     args = vars(p.parse_args(argv))
+    for name in ("blur_max", "noise_std"):
+        if args[name] < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 (off) or more, not {args[name]:g}")
     args.setdefault("epochs", SYNTHETIC_EPOCHS if args["synthetic"] else defaults.epochs)
     args.setdefault("lr", SYNTHETIC_LR if args["synthetic"] else defaults.lr)
     return TrainConfig(**args)

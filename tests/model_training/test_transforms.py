@@ -222,3 +222,5 @@ def test_training_takes_the_blur_and_noise_limits() -> None:
     assert (cfg.blur_max, cfg.noise_std) == (6.0, 0.06)
     default = parse_args(["--synthetic"])
     assert (default.blur_max, default.noise_std) == (1.2, 0.02)
+    with pytest.raises(SystemExit):
+        parse_args(["--synthetic", "--noise-std", "-0.1"])
