@@ -8,20 +8,23 @@ differs between microscopes and cameras. For each condition, one table row:
 
 - BCCD validation fields (`finder_study.py`'s split): recall and precision of the result cells' boxes
   against the WBC boxes at IoU >= 0.5, and the WBC-free side strips that give a cell;
-- Zheng validation crops of the shipped model (`cells_study.zheng_val_names`): Dice of the primary
+- Zheng validation crops of the model given (`training.val_names` of its metadata): Dice of the primary
   cell's nucleus, cytoplasm and cell against the expert mask (mean over crops, a crop without a primary
   cell scoring 0), and how many crops gave none.
 
 Sizes are relative to the leukocyte, so that a 120 px crop and a 640 px field are blurred alike: blur
 σ is a share of the cell's diameter (the WBC box's mean side on BCCD, 0.62 of the crop's side on the
-Zheng crops, their median framing). The engine is the service's on the CPU (int8 variant, no
-test-time augmentation), fed lossless PNG bytes of each changed image (the JPEG rows: the pixels of
-the JPEG round trip).
+Zheng crops, their median framing). Noise, compression and the coarser sensor act on the images as
+stored, so that their strength at the network's input differs with each source's size (a 120 px crop is
+enlarged to 224 px, a 300 px crop shrunk); the noise is one draw (`--seed`). The engine is the
+service's on the CPU (int8 variant where one lies beside the model, no test-time augmentation), fed
+lossless PNG bytes of each changed image (the JPEG rows: the pixels of the JPEG round trip).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.engine.contract import metadata_path
 from benchmarks.bench_cells import open_engine, png_bytes
-from benchmarks.cells_study import cell_corners, dice, segment, zheng_val_names
+from benchmarks.cells_study import cell_corners, dice, segment
 from benchmarks.finder_study import BCCD, ZHENG, free_strip, load_bccd, match, read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,12 +159,13 @@ def main() -> None:
     cv2.setNumThreads(1)
     _, val, boxes = load_bccd()
     images = {name: read_rgb(BCCD / "images" / name) for name in val}
-    entries = zheng_val_names()
+    entries = sorted(json.loads(metadata_path(args.model).read_text())["training"]["val_names"])
     engine = open_engine(args.model)
     truth_count = sum(len(boxes.get(n, [])) for n in val)
-    print(f"{args.model.name}: BCCD validation {len(val)} fields, {truth_count} WBC boxes; "
-          f"Zheng validation {len(entries)} crops, primary cell\n")
-    print("| condition | BCCD recall / precision | strips with a cell | Zheng nucleus / cytoplasm / cell "
+    print(f"{args.model}: BCCD validation {len(val)} fields, {truth_count} WBC boxes; "
+          f"Zheng validation {len(entries)} crops, primary cell; noise seed {args.seed}\n")
+    print(f"| condition | BCCD recall / precision | strips (of {len(val)}) with a cell "
+          "| Zheng nucleus / cytoplasm / cell "
           "| crops without a cell |")
     print("| --- | --- | --- | --- | --- |")
     for label, change in CONDITIONS.items():

@@ -29,7 +29,8 @@ from model_training.models import build_model, count_parameters
 SHARED = ("input_size", "stain_norm", "val_fraction", "split_seed", "mask_map", "synthetic")
 #: What `training.ensemble` of model.json keeps of each member's training run.
 MEMBER_KEYS = ("model", "base_channels", "depth", "input_size", "epochs", "lr", "oversample", "seed",
-               "init", "out", "stain_norm", "hed", "window_scale", "freeze_bn", "average_from")
+               "init", "out", "stain_norm", "hed", "window_scale", "freeze_bn", "average_from",
+               "dice_pooling", "blur_max", "noise_std")
 
 
 class Ensemble(nn.Module):

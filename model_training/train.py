@@ -337,6 +337,14 @@ def log_epoch(path: Path, epoch: int, lr: float, loss: float, scores: dict[str, 
                f"{'  *best' if improved else ''}")
 
 
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The training augmentation a config asks for (with the defaults, `AugmentConfig()`'s)."""
+    blur: dict[str, Any] = ({"blur_sigma": (min(0.3, cfg.blur_max), cfg.blur_max)} if cfg.blur_max > 0
+                            else {"blur_p": 0.0})
+    return AugmentConfig(hed=cfg.hed, window_fraction=WINDOW_FRACTION if cfg.window_scale else None,
+                         noise_std=cfg.noise_std, **blur)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training; write `best.pt`, `last.pt`, `log.csv` and `config.json` under `cfg.out`.
 
@@ -375,11 +383,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         logger.info("BatchNorm %s, HED stain jitter %s, stain normalisation %s",
                     "frozen" if cfg.freeze_bn else "training", f"σ {cfg.hed:g}" if cfg.hed else "off",
                     f"Reinhard to CIELAB mean {stain.mean} sd {stain.std}" if stain else "off")
-    window = WINDOW_FRACTION if cfg.window_scale else None
-    blur = {"blur_sigma": (min(0.3, cfg.blur_max), cfg.blur_max)} if cfg.blur_max > 0 else {"blur_p": 0.0}
-    augment = Augment(cfg.input_size, AugmentConfig(hed=cfg.hed, window_fraction=window,
-                                                    noise_std=cfg.noise_std, **blur),
-                      generator=torch.Generator())
+    augment = Augment(cfg.input_size, augment_config(cfg), generator=torch.Generator())
     val_names = [f"{s.source}/{s.name}" for s in val_set]
     open_log(out / "log.csv", start)
     loss_fn = DiceCELoss(dice_pooling=cfg.dice_pooling)
@@ -427,7 +431,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     for name in ("base_channels", "depth", "input_size", "batch_size", "warmup_epochs",
                  "split_seed", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("weight_decay", "min_lr_ratio", "val_fraction", "blur_max", "noise_std"):
+    for name in ("weight_decay", "min_lr_ratio", "val_fraction"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     # SUPPRESS: absent unless given, so that --synthetic can pick its own defaults.
     p.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
@@ -461,6 +465,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    help="from this epoch (counted from 1) on, also keep the running mean of the weights "
                         "after each epoch (stochastic weight averaging): average.pt and average.csv; "
                         "0 = off. Pair it with a flat rate (--min-lr-ratio 1)")
+    p.add_argument("--blur-max", type=float, default=defaults.blur_max,
+                   help="largest Gaussian blur σ of the augmentation, in pixels at --input-size (a quarter "
+                        "of the images are blurred, σ drawn from 0.3 up to this); 0 = no blur")
+    p.add_argument("--noise-std", type=float, default=defaults.noise_std,
+                   help="largest σ of the augmentation's per-pixel Gaussian noise, intensities in [0, 1] "
+                        "(0.06 is about 15 grey levels); 0 = no noise")
     p.add_argument("--dice-pooling", choices=DICE_POOLING, default=defaults.dice_pooling,
                    help="the loss's soft Dice: 'batch' pools each class over the batch (large cells weigh "
                         "most); 'image' averages each image's Dice, as the evaluation does")

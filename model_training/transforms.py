@@ -250,7 +250,8 @@ def _rotate_hue(x: torch.Tensor, angle: float) -> torch.Tensor:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(2 * sigma))
+    # Reflect padding needs a radius below the image's side; a wider σ is cut there.
+    radius = max(1, min(math.ceil(2 * sigma), min(x.shape[-2:]) - 1))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()

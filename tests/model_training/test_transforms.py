@@ -216,11 +216,25 @@ def test_blur_and_noise_strength_follow_the_config() -> None:
 
 
 def test_training_takes_the_blur_and_noise_limits() -> None:
-    from model_training.train import parse_args
+    from model_training.train import augment_config, parse_args
 
-    cfg = parse_args(["--synthetic", "--blur-max", "6", "--noise-std", "0.06"])
-    assert (cfg.blur_max, cfg.noise_std) == (6.0, 0.06)
-    default = parse_args(["--synthetic"])
-    assert (default.blur_max, default.noise_std) == (1.2, 0.02)
+    # The defaults are the augmentation's own, so that older runs see the same random draws.
+    assert augment_config(parse_args(["--synthetic"])) == AugmentConfig()
+    wide = augment_config(parse_args(["--synthetic", "--blur-max", "6", "--noise-std", "0.06"]))
+    assert (wide.blur_sigma, wide.noise_std, wide.blur_p) == ((0.3, 6.0), 0.06, AugmentConfig().blur_p)
+    off = augment_config(parse_args(["--synthetic", "--blur-max", "0", "--noise-std", "0"]))
+    assert (off.blur_p, off.noise_std) == (0.0, 0.0)
+    image, label = _scene()
+    x, y = to_tensor(image), torch.from_numpy(label).long()
+    out, _ = Augment(40, off, torch.Generator().manual_seed(3))(x, y)
+    assert torch.isfinite(out).all()
     with pytest.raises(SystemExit):
         parse_args(["--synthetic", "--noise-std", "-0.1"])
+
+
+def test_a_blur_wider_than_the_image_is_cut_at_its_side() -> None:
+    image, label = _scene()
+    x, y = to_tensor(image), torch.from_numpy(label).long()
+    config = AugmentConfig(blur_p=1.0, blur_sigma=(30.0, 30.0))
+    out, _ = Augment(24, config, torch.Generator().manual_seed(3))(x, y)
+    assert out.shape == (3, 24, 24) and torch.isfinite(out).all()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,3 +99,30 @@ def test_paired_gain_reports_the_mean_difference_its_standard_error_and_the_coun
     run = _run("paired_gain.py", str(path), "A", "B")
     assert run.returncode == 0, run.stderr
     assert "A minus B" in run.stdout and "+0.500" in run.stdout
+
+
+def test_quality_study_conditions_change_the_image_as_named() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.quality_study import CONDITIONS
+
+    image = np.full((96, 128, 3), 220, np.uint8)
+    image[30:60, 40:80] = (90, 40, 120)              # a dark purple block with sharp edges
+
+    def steepest(rgb: np.ndarray) -> int:
+        return int(np.abs(np.diff(rgb.astype(np.int16), axis=1)).max())
+
+    out = {label: change(image, 50.0, np.random.default_rng(1)) for label, change in CONDITIONS.items()}
+    for label, changed in out.items():
+        assert changed.shape == image.shape and changed.dtype == np.uint8, label
+    assert np.array_equal(out["as is"], image)
+    # σ 2 and 4 % of a 50 px cell: 1 and 2 px; the wider blur softens the edge more.
+    assert steepest(image) > steepest(out["defocus, blur σ 2 % of the cell"]) > steepest(
+        out["defocus, blur σ 4 % of the cell"])
+    noise8, noise16 = out["sensor noise σ 8 grey levels"], out["sensor noise σ 16 grey levels"]
+    assert noise16.std() > noise8.std() > image.std()
+    assert out["tone curve γ 0.7 (lighter)"].mean() > image.mean() > out["tone curve γ 1.4 (darker)"].mean()
+    warm, cool = out["warm cast (R ×1.1, B ×0.9)"], out["cool cast (R ×0.9, B ×1.1)"]
+    assert warm[..., 0].mean() > image[..., 0].mean() > cool[..., 0].mean()
+    assert warm[..., 2].mean() < image[..., 2].mean() < cool[..., 2].mean()
+    assert not np.array_equal(out["JPEG quality 20"], image)
+    assert steepest(out["coarser sensor (½ resolution, upsampled)"]) < steepest(image)
