@@ -34,10 +34,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.engine import Options, Upload
 from app.engine.contract import metadata_path
 from benchmarks.bench_cells import open_engine, png_bytes
-from benchmarks.cells_study import cell_corners, dice, segment
+from benchmarks.cells_study import cell_corners, segment
 from benchmarks.finder_study import BCCD, ZHENG, free_strip, load_bccd, match, read_rgb
+from model_training.data import Sample, load_folders
+from model_training.metrics import REGIONS, region_scores
 
 REPO = Path(__file__).resolve().parents[1]
 #: The Zheng crops show their cell over 0.57-0.68 of the side (docs/cells.md).
@@ -118,35 +121,28 @@ def bccd_row(engine, change: Change, val, boxes, images, seed: int) -> tuple[flo
         sides = [((x1 - x0) + (y1 - y0)) / 2 for x0, y0, x1, y1 in truth]
         cell = float(np.mean(sides)) if sides else 110.0
         image = change(images[name], cell, rng)
-        result, _, _, _ = segment(engine, name, png_bytes(image))
+        # Boxes only: no masks rendered.
+        result = engine.segment(Upload(name, png_bytes(image)), Options())
         matched, extra, missed = match([cell_corners(c) for c in result.cells], truth)
         tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
         strip = free_strip(image, truth)
         if strip is not None:
-            strip_result, _, _, _ = segment(engine, "strip.png", png_bytes(strip))
-            strips += bool(strip_result.cells)
+            strips += bool(engine.segment(Upload("strip.png", png_bytes(strip)), Options()).cells)
     return tp / max(1, tp + fn), tp / max(1, tp + fp), strips
 
 
-def zheng_row(engine, change: Change, entries: list[str], seed: int) -> tuple[dict[str, float], int]:
+def zheng_row(engine, change: Change, crops: list[Sample], seed: int) -> tuple[dict[str, float], int]:
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"nucleus": [], "cytoplasm": [], "cell": []}
+    scores: dict[str, list[float]] = {region: [] for region in REGIONS}
     none = 0
-    for entry in entries:
-        dataset, stem = entry.split("/")
-        rgb = read_rgb(ZHENG / dataset / "images" / f"{stem}.bmp")
-        mask = cv2.imread(str(ZHENG / dataset / "masks" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
-        truth = np.digitize(mask, [64, 192])           # 0 / 128 / 255 → 0, 1, 2
-        image = change(rgb, ZHENG_CELL_SHARE * min(rgb.shape[:2]), rng)
-        result, instances, labels, _ = segment(engine, f"{stem}.png", png_bytes(image))
-        if result.primary_cell_id is None:
-            none += 1
-            mine = np.zeros(truth.shape, np.uint8)
-        else:
-            mine = np.where(instances == result.primary_cell_id, labels, 0)
-        scores["nucleus"].append(dice(mine == 2, truth == 2))
-        scores["cytoplasm"].append(dice(mine == 1, truth == 1))
-        scores["cell"].append(dice(mine > 0, truth > 0))
+    for crop in crops:
+        image = change(crop.image, ZHENG_CELL_SHARE * min(crop.image.shape[:2]), rng)
+        result, instances, labels, _ = segment(engine, f"{crop.name}.png", png_bytes(image))
+        primary = result.primary_cell_id
+        none += primary is None
+        mine = np.zeros_like(labels) if primary is None else np.where(instances == primary, labels, 0)
+        for region, value in region_scores(mine, crop.label).items():
+            scores[region].append(value["dice"])
     return {k: 100 * float(np.mean(v)) for k, v in scores.items()}, none
 
 
@@ -159,18 +155,20 @@ def main() -> None:
     cv2.setNumThreads(1)
     _, val, boxes = load_bccd()
     images = {name: read_rgb(BCCD / "images" / name) for name in val}
-    entries = sorted(json.loads(metadata_path(args.model).read_text())["training"]["val_names"])
+    val_names = set(json.loads(metadata_path(args.model).read_text())["training"]["val_names"])
+    crops = [c for c in load_folders([ZHENG / "dataset1", ZHENG / "dataset2"])
+             if f"{c.source}/{c.name}" in val_names]
     engine = open_engine(args.model)
     truth_count = sum(len(boxes.get(n, [])) for n in val)
     print(f"{args.model}: BCCD validation {len(val)} fields, {truth_count} WBC boxes; "
-          f"Zheng validation {len(entries)} crops, primary cell; noise seed {args.seed}\n")
+          f"Zheng validation {len(crops)} crops, primary cell; noise seed {args.seed}\n")
     print(f"| condition | BCCD recall / precision | strips (of {len(val)}) with a cell "
           "| Zheng nucleus / cytoplasm / cell "
           "| crops without a cell |")
     print("| --- | --- | --- | --- | --- |")
     for label, change in CONDITIONS.items():
         recall, precision, strips = bccd_row(engine, change, val, boxes, images, args.seed)
-        dices, none = zheng_row(engine, change, entries, args.seed)
+        dices, none = zheng_row(engine, change, crops, args.seed)
         print(f"| {label} | {recall:.3f} / {precision:.3f} | {strips} | "
               f"{dices['nucleus']:.2f} / {dices['cytoplasm']:.2f} / {dices['cell']:.2f} | {none} |",
               flush=True)

@@ -10,6 +10,11 @@ from torch import nn
 DICE_POOLING = ("batch", "image")
 
 
+def _check_pooling(pooling: str) -> None:
+    if pooling not in DICE_POOLING:
+        raise ValueError(f"pooling must be one of {DICE_POOLING}, not {pooling!r}")
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
                    include_background: bool = False, pooling: str = "batch") -> torch.Tensor:
     """1 − mean soft Dice over classes.
@@ -23,8 +28,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
             weigh most; "image" takes each image's Dice and averages them, as the evaluation's
             per-image mean does, so that a thin cytoplasm rim counts as much as a wide one.
     """
-    if pooling not in DICE_POOLING:
-        raise ValueError(f"pooling must be one of {DICE_POOLING}, not {pooling!r}")
+    _check_pooling(pooling)
     probs = logits.float().softmax(dim=1)
     onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3) if pooling == "batch" else (2, 3)
@@ -41,8 +45,7 @@ class DiceCELoss(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, dice_pooling: str = "batch") -> None:
         super().__init__()
-        if dice_pooling not in DICE_POOLING:
-            raise ValueError(f"dice_pooling must be one of {DICE_POOLING}, not {dice_pooling!r}")
+        _check_pooling(dice_pooling)
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.dice_pooling = dice_pooling
