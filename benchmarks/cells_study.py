@@ -41,6 +41,7 @@ from benchmarks.bench_cells import open_engine, png_bytes
 from benchmarks.finder_study import (
     BCCD,
     ZHENG,
+    Tally,
     corners,
     free_strip,
     iou,
@@ -79,7 +80,7 @@ def cell_corners(cell) -> tuple[int, int, int, int]:
 
 def bccd_split(engine: Engine, names, boxes, runs: dict, errors: list | None) -> dict:
     """Recall/precision of the result cells' boxes and of the finder's boxes on some BCCD fields."""
-    totals = {"tp": 0, "fp": 0, "fn": 0, "ftp": 0, "ffp": 0, "ffn": 0}
+    cells, finder = Tally(), Tally()
     seconds, listed, tp_ious = [], [], []
     for name in names:
         data = (BCCD / "images" / name).read_bytes()
@@ -88,31 +89,21 @@ def bccd_split(engine: Engine, names, boxes, runs: dict, errors: list | None) ->
         seconds.append(elapsed)
         found = [cell_corners(c) for c in result.cells]
         truth = boxes.get(name, [])
-        matched, extra, missed = match(found, truth)
+        matched, extra, missed = cells.add(found, truth)
         tp_ious.extend(value for _, _, value in matched)
-        totals["tp"] += len(matched)
-        totals["fp"] += len(extra)
-        totals["fn"] += len(missed)
         for i in extra:
             best = max((iou(found[i], t) for t in truth), default=0.0)
             listed.append((name, "FP", found[i], best, result.cells[i]))
         for j in missed:
             best = max((iou(f, truth[j]) for f in found), default=0.0)
             listed.append((name, "FN", truth[j], best, None))
-        finder = [corners(c) for c in find_leukocytes(read_rgb(BCCD / "images" / name))]
-        fm, fe, fmiss = match(finder, truth)
-        totals["ftp"] += len(fm)
-        totals["ffp"] += len(fe)
-        totals["ffn"] += len(fmiss)
+        finder.add([corners(c) for c in find_leukocytes(read_rgb(BCCD / "images" / name))], truth)
     if errors is not None:
         errors.extend(listed)
-    t = totals
     return {
-        **t, "errors": listed, "iou_median": float(np.median(tp_ious)),
+        **cells.summary(), "errors": listed, "iou_median": float(np.median(tp_ious)),
         "iou_low": int(sum(v < 0.7 for v in tp_ious)),
-        "recall": t["tp"] / max(1, t["tp"] + t["fn"]), "precision": t["tp"] / max(1, t["tp"] + t["fp"]),
-        "f_recall": t["ftp"] / max(1, t["ftp"] + t["ffn"]),
-        "f_precision": t["ftp"] / max(1, t["ftp"] + t["ffp"]),
+        "f_recall": finder.recall, "f_precision": finder.precision,
         "ms": 1000 * float(np.median(seconds)), "ms_max": 1000 * float(np.max(seconds)),
     }
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import locate
 from benchmarks.cells_study import mosaic, zheng_val_names
-from benchmarks.finder_study import BCCD, corners, free_strip, load_bccd, match, read_rgb
+from benchmarks.finder_study import BCCD, Tally, corners, free_strip, load_bccd, match, read_rgb
 
 cv2.setNumThreads(1)
 
@@ -65,12 +65,10 @@ def mosaics(finder: ModuleType) -> list[tuple[str, int, int, list[str]]]:
 
 def bccd(finder: ModuleType, names, boxes, images) -> dict:
     """Recall and precision of candidate boxes vs WBC boxes."""
-    tp = fp = fn = 0
+    tally = Tally()
     for name in names:
-        found = [corners(c) for c in finder.find_leukocytes(images[name])]
-        matched, extra, missed = match(found, boxes.get(name, []))
-        tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
-    return {"recall": tp / max(1, tp + fn), "precision": tp / max(1, tp + fp), "tp": tp, "fp": fp, "fn": fn}
+        tally.add([corners(c) for c in finder.find_leukocytes(images[name])], boxes.get(name, []))
+    return tally.summary()
 
 
 def strips(finder: ModuleType, names, boxes, images) -> tuple[int, int, list[str]]:

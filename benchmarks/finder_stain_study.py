@@ -25,7 +25,7 @@ from app.engine import Options, Upload
 from app.engine.locate import Params, detect
 from benchmarks.bench_cells import open_engine, png_bytes
 from benchmarks.cells_study import cell_corners
-from benchmarks.finder_study import BCCD, corners, free_strip, load_bccd, match, read_rgb
+from benchmarks.finder_study import BCCD, Tally, corners, free_strip, load_bccd, read_rgb
 from model_training.transforms import hed_jitter, to_tensor
 
 #: name → HED gains (haematoxylin, eosin, DAB), or a factor on the pixel values.
@@ -60,21 +60,18 @@ def main() -> None:
     for label, change in CONDITIONS.items():
         cells = []
         for params in RULES.values():
-            tp = fp = fn = strips = 0
+            tally, strips = Tally(), 0
             for name in val:
                 image = restained(images[name], change)
-                matched, extra, missed = match([corners(c) for c in detect(image, None, params)],
-                                               boxes.get(name, []))
-                tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
+                tally.add([corners(c) for c in detect(image, None, params)], boxes.get(name, []))
                 strip = free_strip(image, boxes.get(name, []))
                 strips += strip is not None and bool(detect(strip, None, params))
-            cells.append(f"{tp / max(1, tp + fn):.3f} / {tp / max(1, tp + fp):.3f}, {strips}")
-        tp = fp = fn = 0
+            cells.append(f"{tally}, {strips}")
+        tally = Tally()
         for name in val:
             result = engine.segment(Upload(name, png_bytes(restained(images[name], change))), Options())
-            matched, extra, missed = match([cell_corners(c) for c in result.cells], boxes.get(name, []))
-            tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
-        cells.append(f"{tp / max(1, tp + fn):.3f} / {tp / max(1, tp + fp):.3f}")
+            tally.add([cell_corners(c) for c in result.cells], boxes.get(name, []))
+        cells.append(str(tally))
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -16,7 +16,7 @@ import itertools
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -83,24 +83,53 @@ def match(found, truth, threshold=0.5):
     ]
 
 
+@dataclass
+class Tally:
+    """Found boxes matched to true ones (`match`), summed over images: recall and precision."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, found, truth, threshold=0.5):
+        """Match one image's boxes, count them, and return `match`'s result."""
+        matched, extra, missed = match(found, truth, threshold)
+        self.tp += len(matched)
+        self.fp += len(extra)
+        self.fn += len(missed)
+        return matched, extra, missed
+
+    @property
+    def recall(self) -> float:
+        return self.tp / max(1, self.tp + self.fn)
+
+    @property
+    def precision(self) -> float:
+        return self.tp / max(1, self.tp + self.fp)
+
+    def summary(self) -> dict:
+        return {"recall": self.recall, "precision": self.precision, "tp": self.tp, "fp": self.fp,
+                "fn": self.fn}
+
+    def __str__(self) -> str:
+        return f"{self.recall:.3f} / {self.precision:.3f}"
+
+
 def evaluate(names, boxes, params, images, keep=None) -> dict:
     """Recall, precision and ms per image of one method on some BCCD images."""
-    tp = fp = fn = 0
+    tally = Tally()
     elapsed = []
     for name in names:
         rgb = images[name]
         start = time.perf_counter()
         found = [corners(c) for c in detect(rgb, None, params)]
         elapsed.append(time.perf_counter() - start)
-        matched, extra, missed = match(found, boxes.get(name, []))
-        tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
+        _, extra, missed = tally.add(found, boxes.get(name, []))
         if keep is not None:
             keep.extend([(name, "FP", found[i]) for i in extra])
             keep.extend([(name, "FN", boxes[name][j]) for j in missed])
     return {
-        "recall": tp / max(1, tp + fn),
-        "precision": tp / max(1, tp + fp),
-        "tp": tp, "fp": fp, "fn": fn,
+        **tally.summary(),
         "ms": 1000 * float(np.median(elapsed)),
         "ms_max": 1000 * float(np.max(elapsed)),
     }

@@ -38,7 +38,7 @@ from app.engine import Options, Upload
 from app.engine.contract import metadata_path
 from benchmarks.bench_cells import open_engine, png_bytes
 from benchmarks.cells_study import cell_corners, segment
-from benchmarks.finder_study import BCCD, ZHENG, free_strip, load_bccd, match, read_rgb
+from benchmarks.finder_study import BCCD, ZHENG, Tally, free_strip, load_bccd, read_rgb
 from model_training.data import Sample, load_folders
 from model_training.metrics import REGIONS, region_scores
 
@@ -115,7 +115,7 @@ CONDITIONS: dict[str, Change] = {
 
 def bccd_row(engine, change: Change, val, boxes, images, seed: int) -> tuple[float, float, int]:
     rng = np.random.default_rng(seed)
-    tp = fp = fn = strips = 0
+    tally, strips = Tally(), 0
     for name in val:
         truth = boxes.get(name, [])
         sides = [((x1 - x0) + (y1 - y0)) / 2 for x0, y0, x1, y1 in truth]
@@ -123,12 +123,11 @@ def bccd_row(engine, change: Change, val, boxes, images, seed: int) -> tuple[flo
         image = change(images[name], cell, rng)
         # Boxes only: no masks rendered.
         result = engine.segment(Upload(name, png_bytes(image)), Options())
-        matched, extra, missed = match([cell_corners(c) for c in result.cells], truth)
-        tp, fp, fn = tp + len(matched), fp + len(extra), fn + len(missed)
+        tally.add([cell_corners(c) for c in result.cells], truth)
         strip = free_strip(image, truth)
         if strip is not None:
             strips += bool(engine.segment(Upload("strip.png", png_bytes(strip)), Options()).cells)
-    return tp / max(1, tp + fn), tp / max(1, tp + fp), strips
+    return tally.recall, tally.precision, strips
 
 
 def zheng_row(engine, change: Change, crops: list[Sample], seed: int) -> tuple[dict[str, float], int]:

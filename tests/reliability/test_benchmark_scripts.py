@@ -126,3 +126,19 @@ def test_quality_study_conditions_change_the_image_as_named() -> None:
     assert warm[..., 2].mean() < image[..., 2].mean() < cool[..., 2].mean()
     assert not np.array_equal(out["JPEG quality 20"], image)
     assert steepest(out["coarser sensor (½ resolution, upsampled)"]) < steepest(image)
+
+
+def test_tally_counts_one_to_one_matches_over_images_for_recall_and_precision() -> None:
+    from benchmarks.finder_study import Tally
+
+    tally = Tally()
+    # Image 1: two true cells; one found twice (only one may match), the other missed.
+    matched, extra, missed = tally.add([(0, 0, 10, 10), (1, 1, 10, 10)], [(0, 0, 10, 10), (50, 50, 60, 60)])
+    assert [(i, j) for i, j, _ in matched] == [(0, 0)] and extra == [1] and missed == [1]
+    # Image 2: a found box at IoU 1/3 is no match; image 3: nothing found, nothing there.
+    tally.add([(0, 0, 10, 10)], [(5, 0, 15, 10)])
+    tally.add([], [])
+    assert (tally.tp, tally.fp, tally.fn) == (1, 2, 2)
+    assert tally.recall == pytest.approx(1 / 3) and tally.precision == pytest.approx(1 / 3)
+    assert str(tally) == "0.333 / 0.333"
+    assert str(Tally()) == "0.000 / 0.000"
