@@ -141,7 +141,7 @@ def score_model(model: LoadedModel, samples: Sequence[Sample], device: torch.dev
     for s in tqdm(samples, desc=model.label, unit="img", leave=False):
         predict = predict_primary_cell if per_cell else predict_labels
         pred = predict(model.module, s.image, model.transform, device, tta)
-        scores = region_scores(pred, s.label)
+        scores = region_scores(pred, s.label, surface=True)
         predictions[f"{s.source}/{s.name}"] = pred
         per_image.append({"source": s.source, "name": s.name, "height": int(s.label.shape[0]),
                           "width": int(s.label.shape[1]), "average": average_score(scores), "scores": scores})

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from app.engine.imaging import overlay
-from model_training.metrics import METRICS, REGIONS
+from model_training.metrics import METRICS, REGIONS, SURFACE_METRICS, SURFACE_TOLERANCES
 
 AVERAGE_SCORE_DEFINITION = ("mean of Dice, IoU, precision, recall and pixel accuracy over nucleus, cytoplasm "
                             "and cell (15 numbers) per image, then mean ± sd over images")
@@ -21,7 +21,9 @@ COMPARED: tuple[tuple[str, str], ...] = (("average", "score"),
                                          *((r, m) for r in REGIONS for m in METRICS))
 #: Overlay colours (RGB) of cytoplasm and nucleus: away from the stains' pinks and purples.
 METRIC_NAMES = {"dice": "Dice", "iou": "IoU", "precision": "precision", "recall": "recall",
-                "accuracy": "accuracy"}
+                "accuracy": "accuracy",
+                **{m: f"surface Dice {t} px"
+                   for m, t in zip(SURFACE_METRICS, SURFACE_TOLERANCES, strict=True)}}
 #: Largest number of runs per comparison for the exact permutation test (C(20, 10) = 184,756 splits).
 MAX_PERMUTATION_RUNS = 20
 
@@ -147,6 +149,7 @@ def _markdown_models(report: dict[str, Any]) -> list[str]:
     for region in REGIONS:
         lines += _table(f"### {region}", ["model", *(METRIC_NAMES[m] for m in METRICS)],
                         [[m["label"], *(_pct(m["overall"][region][k]) for k in METRICS)] for m in models])
+    lines += _markdown_surface(models)
     lines += ["## Per source (mean ± sd over images, %)", ""]
     for src in sorted({s for m in models for s in m["per_source"]}):
         rows = [[m["label"], str(m["image_counts"][src]), _pct(m["per_source"][src]["average"]["score"]),
@@ -154,6 +157,27 @@ def _markdown_models(report: dict[str, Any]) -> list[str]:
                 for m in models if src in m["per_source"]]
         lines += _table(f"### {src}", ["model", "images", "average score", *DICE_IOU_HEADER], rows)
     return lines
+
+
+def _surface_metrics(summary: Summary) -> list[str]:
+    return [m for m in SURFACE_METRICS if all(m in summary[r] for r in REGIONS)]
+
+
+def _markdown_surface(models: Sequence[dict[str, Any]]) -> list[str]:
+    """Surface Dice per region, overall and per source, for the models that have it."""
+    models = [m for m in models if _surface_metrics(m["overall"])]
+    if not models:
+        return []
+    metrics = _surface_metrics(models[0]["overall"])
+    header = ["model", "source", *(f"{r}, {METRIC_NAMES[k]}" for r in REGIONS for k in metrics)]
+    rows = []
+    for m in models:
+        for name, summary in [("all", m["overall"]), *sorted(m["per_source"].items())]:
+            rows.append([m["label"], name, *(_pct(summary[r][k]) for r in REGIONS for k in metrics)])
+    return ["## Outlines (mean ± sd over images, %)", "",
+            *_table("Surface Dice: the share of the predicted and the expert outlines that lies within the "
+                    "tolerance of the other outline (pixels of the scored image). An outline drawn a pixel "
+                    "off scores 100 at 1 px, however thin the region.", header, rows)]
 
 
 def _comparison_row(c: dict[str, Any]) -> list[str]:
@@ -215,6 +239,14 @@ def format_table(report: dict[str, Any]) -> str:
         average = 100 * m["overall"]["average"]["score"]["mean"]
         lines.append(f"{m['label']:<{width}} {m['image_count']:>6} {o['nucleus']:>8.2f} "
                      f"{o['cytoplasm']:>9.2f} {o['cell']:>8.2f} {average:>8.2f}")
+    surface = [m for m in report["models"] if _surface_metrics(m["overall"])]
+    if surface:
+        metrics = _surface_metrics(surface[0]["overall"])
+        lines += ["", f"Surface Dice at {' / '.join(f'{t} px' for t in SURFACE_TOLERANCES)} (%)",
+                  f"{'model':<{width}} {'':>6} {'nucleus':>13} {'cytoplasm':>13} {'cell':>13}"]
+        for m in surface:
+            cells = [" / ".join(f"{100 * m['overall'][r][k]['mean']:.1f}" for k in metrics) for r in REGIONS]
+            lines.append(f"{m['label']:<{width}} {'':>6} " + " ".join(f"{c:>13}" for c in cells))
     pooled = [g for g in report["groups"] if g["runs"] > 1]
     if pooled:
         lines += ["", "mean ± sd across runs (%)", f"{'group':<{width}} {'runs':>6} {'Dice nucleus':>15} "

@@ -23,7 +23,7 @@ from model_training.evaluate import (
     select_split,
 )
 from model_training.loading import default_label, load_model
-from model_training.metrics import METRICS, REGIONS
+from model_training.metrics import METRICS, REGIONS, SURFACE_METRICS
 from model_training.report import compare_groups, group_runs, permutation_p
 from model_training.synthetic import make_samples
 from model_training.train import TrainConfig, load_data
@@ -47,8 +47,9 @@ def test_evaluate_writes_markdown_json_and_figure(report_of_three: tuple[dict[st
     markdown = (out / "report.md").read_text()
 
     assert json.loads((out / "report.json").read_text())["models"][0]["label"] == "tiny-s0"
-    for heading in ("## Overall", "### nucleus", "### cytoplasm", "### cell", "## Per source",
-                    "### synthetic0", "## Across seeds", "Average evaluation score", "figure.png"):
+    for heading in ("## Overall", "### nucleus", "### cytoplasm", "### cell", "## Outlines",
+                    "cytoplasm, surface Dice 1 px", "## Per source", "### synthetic0", "## Across seeds",
+                    "Average evaluation score", "figure.png"):
         assert heading in markdown
     with Image.open(out / "figure.png") as figure:
         assert figure.format == "PNG" and figure.width > 400 and figure.height > 400
@@ -66,7 +67,9 @@ def test_report_has_summaries_per_model_source_and_image(report_of_three: tuple[
     assert set(model["per_source"]) == {"synthetic0", "synthetic1"}
     assert model["image_counts"] == {"synthetic0": 5, "synthetic1": 5}
     for summary in (model["overall"], *model["per_source"].values()):
-        assert {m for r in REGIONS for m in summary[r]} == set(METRICS)
+        assert {m for r in REGIONS for m in summary[r]} == set(METRICS) | set(SURFACE_METRICS)
+        for r in REGIONS:    # an outline within a pixel of the expert's is within two
+            assert summary[r]["surface_dice_1px"]["mean"] <= summary[r]["surface_dice_2px"]["mean"] <= 1
         assert set(summary["average"]["score"]) == {"mean", "sd"}
     row = model["per_image"][0]
     assert (row["height"], row["width"]) == (96, 96)   # scored at the image's own size, not the model's 64

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from model_training.losses import DiceCELoss, soft_dice_loss
-from model_training.metrics import METRICS, REGIONS, average_score, binary_scores, region_scores, summarize
+from model_training.metrics import (
+    METRICS,
+    REGIONS,
+    SURFACE_METRICS,
+    average_score,
+    binary_scores,
+    region_scores,
+    summarize,
+    surface_dice,
+)
 
 TARGET = np.array([[0, 1, 1, 2],
                    [0, 1, 2, 2]])
@@ -75,6 +84,49 @@ def test_summarize_gives_mean_and_sample_sd_over_images() -> None:
     assert dice["sd"] == pytest.approx(np.std([1, 2 / 3], ddof=1))
     assert summary["average"]["score"]["mean"] == pytest.approx((1 + average_score(partial)) / 2)
     assert summarize([perfect])["nucleus"]["iou"] == {"mean": 1.0, "sd": 0.0}
+
+
+def _ring(outer: int, inner: int, size: int = 64) -> np.ndarray:
+    """A square rim: `outer` wide, `inner` hollow, centred."""
+    mask = np.zeros((size, size), bool)
+    a, b = (size - outer) // 2, (size - inner) // 2
+    mask[a:a + outer, a:a + outer] = True
+    mask[b:b + inner, b:b + inner] = False
+    return mask
+
+
+def test_surface_dice_forgives_a_thin_rim_drawn_a_pixel_wider_where_dice_does_not() -> None:
+    expert, drawn = _ring(30, 24), _ring(30, 26)   # a 3 px rim, drawn 2 px wide: its inner edge 1 px off
+
+    assert binary_scores(drawn, expert)["dice"] < 0.85
+    assert surface_dice(drawn, expert, (0, 1, 2)) == [pytest.approx(0.5, abs=0.05), 1.0, 1.0]
+
+
+def test_surface_dice_counts_the_share_of_both_outlines_within_the_tolerance() -> None:
+    square = np.zeros((40, 40), bool)
+    square[10:30, 10:30] = True
+    moved = np.roll(square, 3, axis=1)             # 3 px to the right
+
+    # Each outline has 76 pixels. Of the moved one: the top and bottom rows lie on the square's but for
+    # their last 3 pixels (1, 2, 3 px off); the right side is 3 px off; the left side 3 px off but for
+    # its ends, 1, 2, 3 px from the square's top and bottom rows. Within 1 px: 2 * 18 + 2 = 38; within
+    # 2 px: 2 * 19 + 4 = 42; within 3: all. The square's outline against the moved one is the mirror.
+    assert surface_dice(moved, square, (1, 2, 3)) == [pytest.approx(38 / 76), pytest.approx(42 / 76), 1.0]
+    assert surface_dice(square, square, (0,)) == [1.0]
+    assert surface_dice(np.zeros_like(square), np.zeros_like(square), (1, 2)) == [1.0, 1.0]
+    assert surface_dice(np.zeros_like(square), square, (5,)) == [0.0]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        surface_dice(square, square[:-1], (1,))
+
+
+def test_region_scores_add_surface_dice_only_when_asked_and_the_average_ignores_it() -> None:
+    plain, both = region_scores(PRED, TARGET), region_scores(PRED, TARGET, surface=True)
+
+    assert set(plain["cell"]) == set(METRICS)
+    assert set(both["cell"]) == set(METRICS) | set(SURFACE_METRICS)
+    assert average_score(both) == average_score(plain)
+    assert set(summarize([both, both])["cytoplasm"]) == set(METRICS) | set(SURFACE_METRICS)
+    assert set(summarize([both, plain])["cytoplasm"]) == set(METRICS)   # only where every image has it
 
 
 def test_summarize_rejects_no_images() -> None:
