@@ -27,10 +27,15 @@ from model_training.models import build_model, count_parameters
 
 #: Training settings every member must share: what the input looks like and which images are validation.
 SHARED = ("input_size", "stain_norm", "val_fraction", "split_seed", "mask_map", "synthetic")
-#: What `training.ensemble` of model.json keeps of each member's training run.
-MEMBER_KEYS = ("model", "base_channels", "depth", "input_size", "epochs", "lr", "oversample", "seed",
-               "init", "out", "stain_norm", "hed", "window_scale", "freeze_bn", "average_from",
-               "dice_pooling", "blur_max", "noise_std")
+#: What `training.ensemble` of model.json keeps of each member's training run: every setting that shapes
+#: the trained network.
+MEMBER_KEYS = ("model", "base_channels", "depth", "input_size", "epochs", "batch_size", "lr", "weight_decay",
+               "warmup_epochs", "min_lr_ratio", "amp", "oversample", "seed", "init", "out", "stain_norm",
+               "hed", "window_scale", "freeze_bn", "average_from", "dice_pooling", "blur_max", "noise_std")
+#: Training settings not kept per member: the split and masks all members share (`SHARED`), the model's
+#: own stain reference, and what does not shape the network (where the data lay, CPU threads, a resumed run).
+NOT_PER_MEMBER = ("val_fraction", "split_seed", "mask_map", "synthetic", "stain_reference", "data", "threads",
+                  "resume")
 
 
 class Ensemble(nn.Module):

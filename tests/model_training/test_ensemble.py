@@ -3,6 +3,7 @@ one ONNX graph that the engine runs like any model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -132,3 +133,10 @@ def test_a_member_is_rebuilt_from_the_ensemble_export(tiny_run: TinyRun, second_
     single = {"architecture": "attention_unet", "training": state["config"]}
     with pytest.raises(from_onnx.RebuildError, match="not an ensemble"):
         from_onnx.train_config_from_metadata(single, member=0)
+
+
+def test_every_training_setting_is_recorded_per_member_or_said_not_to_be() -> None:
+    """A new `wbc-train` setting must be placed: in model.json's per-member record or, knowingly, not."""
+    settings = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert settings == set(ensemble.MEMBER_KEYS) | set(ensemble.NOT_PER_MEMBER)
+    assert not set(ensemble.MEMBER_KEYS) & set(ensemble.NOT_PER_MEMBER)
