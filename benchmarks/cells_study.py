@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import Engine, Options, Upload
 from app.engine.augment import MODES
+from app.engine.contract import metadata_path
 from app.engine.locate import _analyse, find_leukocytes
 from benchmarks.bench_cells import open_engine, png_bytes
 from benchmarks.finder_study import (
@@ -132,10 +133,10 @@ def save_review(errors, runs, folder: Path) -> list[str]:
 # --- b. Zheng mosaics ----------------------------------------------------------------------------------
 
 
-def zheng_val_names(order: str = "sorted") -> list[str]:
-    """The shipped model's validation crops ("dataset1/046", ...): sorted (one source per mosaic), or
-    as listed in model.json (shuffled: sources mixed within a mosaic)."""
-    meta = json.loads((REPO / "weights" / "model.json").read_text())
+def zheng_val_names(order: str = "sorted", model: Path = REPO / "weights" / "model.onnx") -> list[str]:
+    """A model's validation crops ("dataset1/046", ...; by default the shipped model's): sorted (one
+    source per mosaic), or as listed in its metadata (shuffled: sources mixed within a mosaic)."""
+    meta = json.loads(metadata_path(model).read_text())
     names = list(meta["training"]["val_names"])
     return sorted(names) if order == "sorted" else names
 

@@ -21,21 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine.contract import CLASS_NAMES
 from benchmarks.finder_study import ZHENG
 from model_training.data import load_folders
 from model_training.evaluate import load_model, predict_primary_cell
-from model_training.metrics import region_scores
+from model_training.metrics import REGIONS, region_scores
 
 EXPERT, SERVICE = (0, 200, 0), (230, 0, 230)
 TILE = 400
-CELL = (CLASS_NAMES.index("cytoplasm"), CLASS_NAMES.index("nucleus"))
-NUCLEUS = (CLASS_NAMES.index("nucleus"),)
 
 
 def outlined(rgb: np.ndarray, labels: np.ndarray, colour: tuple[int, int, int], scale: float) -> None:
     """Draw the cell and nucleus outlines of `labels` on `rgb` (already `scale` times larger)."""
-    for classes in (CELL, NUCLEUS):
+    for classes in (REGIONS["cell"], REGIONS["nucleus"]):
         mask = np.isin(labels, classes).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         scaled = [np.round((c.astype(np.float32) + 0.5) * scale - 0.5).astype(np.int32) for c in contours]

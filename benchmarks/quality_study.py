@@ -24,7 +24,6 @@ lossless PNG bytes of each changed image (the JPEG rows: the pixels of the JPEG 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import Options, Upload
-from app.engine.contract import metadata_path
 from benchmarks.bench_cells import open_engine, png_bytes
-from benchmarks.cells_study import cell_corners, segment
+from benchmarks.cells_study import cell_corners, segment, zheng_val_names
 from benchmarks.finder_study import BCCD, ZHENG, Tally, free_strip, load_bccd, read_rgb
 from model_training.data import Sample, load_folders
 from model_training.metrics import REGIONS, region_scores
@@ -160,7 +158,7 @@ def main() -> None:
     cv2.setNumThreads(1)
     _, val, boxes = load_bccd()
     images = {name: read_rgb(BCCD / "images" / name) for name in val}
-    val_names = set(json.loads(metadata_path(args.model).read_text())["training"]["val_names"])
+    val_names = set(zheng_val_names(model=args.model))
     crops = [c for c in load_folders([ZHENG / "dataset1", ZHENG / "dataset2"])
              if f"{c.source}/{c.name}" in val_names]
     engine = open_engine(args.model)

@@ -34,7 +34,7 @@ MEMBER_KEYS = ("model", "base_channels", "depth", "input_size", "epochs", "batch
                "hed", "window_scale", "freeze_bn", "average_from", "dice_pooling", "blur_max", "noise_std")
 #: Training settings not kept per member: the split and masks all members share (`SHARED`), the model's
 #: own stain reference, and what does not shape the network (where the data lay, CPU threads, a resumed run).
-NOT_PER_MEMBER = ("val_fraction", "split_seed", "mask_map", "synthetic", "stain_reference", "data", "threads",
+NOT_PER_MEMBER = (*(k for k in SHARED if k not in MEMBER_KEYS), "stain_reference", "data", "threads",
                   "resume")
 
 

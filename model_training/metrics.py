@@ -87,6 +87,13 @@ def region_scores(pred: np.ndarray, target: np.ndarray, surface: bool = False) -
     return scores
 
 
+def surface_metrics_in(scores: Iterable[Mapping[str, Mapping[str, object]]]) -> tuple[str, ...]:
+    """The `SURFACE_METRICS` that every region of every one of `scores` holds (per-image scores or
+    summaries, keyed by region)."""
+    items = list(scores)
+    return tuple(m for m in SURFACE_METRICS if all(m in s[r] for s in items for r in REGIONS))
+
+
 def average_score(scores: Mapping[str, Mapping[str, float]]) -> float:
     """The "average evaluation score": mean of every metric in `METRICS` over every region."""
     return float(np.mean([scores[r][m] for r in REGIONS for m in METRICS]))
@@ -105,7 +112,7 @@ def summarize(
     if not items:
         raise ValueError("no images to summarise")
     out: dict[str, dict[str, dict[str, float]]] = {}
-    surface = tuple(m for m in SURFACE_METRICS if all(m in s[r] for s in items for r in REGIONS))
+    surface = surface_metrics_in(items)
     for region in REGIONS:
         out[region] = {}
         for metric in METRICS + surface:

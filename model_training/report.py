@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from app.engine.imaging import overlay
-from model_training.metrics import METRICS, REGIONS, SURFACE_METRICS, SURFACE_TOLERANCES
+from model_training.metrics import METRICS, REGIONS, SURFACE_METRICS, SURFACE_TOLERANCES, surface_metrics_in
 
 AVERAGE_SCORE_DEFINITION = ("mean of Dice, IoU, precision, recall and pixel accuracy over nucleus, cytoplasm "
                             "and cell (15 numbers) per image, then mean ± sd over images")
@@ -159,16 +159,17 @@ def _markdown_models(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _surface_metrics(summary: Summary) -> list[str]:
-    return [m for m in SURFACE_METRICS if all(m in summary[r] for r in REGIONS)]
+def _with_surface(models: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The models whose overall summary has surface Dice, and the surface metrics of the first of them."""
+    models = [m for m in models if surface_metrics_in([m["overall"]])]
+    return models, surface_metrics_in([models[0]["overall"]]) if models else ()
 
 
 def _markdown_surface(models: Sequence[dict[str, Any]]) -> list[str]:
     """Surface Dice per region, overall and per source, for the models that have it."""
-    models = [m for m in models if _surface_metrics(m["overall"])]
+    models, metrics = _with_surface(models)
     if not models:
         return []
-    metrics = _surface_metrics(models[0]["overall"])
     header = ["model", "source", *(f"{r}, {METRIC_NAMES[k]}" for r in REGIONS for k in metrics)]
     rows = []
     for m in models:
@@ -239,9 +240,8 @@ def format_table(report: dict[str, Any]) -> str:
         average = 100 * m["overall"]["average"]["score"]["mean"]
         lines.append(f"{m['label']:<{width}} {m['image_count']:>6} {o['nucleus']:>8.2f} "
                      f"{o['cytoplasm']:>9.2f} {o['cell']:>8.2f} {average:>8.2f}")
-    surface = [m for m in report["models"] if _surface_metrics(m["overall"])]
+    surface, metrics = _with_surface(report["models"])
     if surface:
-        metrics = _surface_metrics(surface[0]["overall"])
         lines += ["", f"Surface Dice at {' / '.join(f'{t} px' for t in SURFACE_TOLERANCES)} (%)",
                   f"{'model':<{width}} {'':>6} {'nucleus':>13} {'cytoplasm':>13} {'cell':>13}"]
         for m in surface:
